@@ -1,0 +1,50 @@
+"""seqlease: safe, leak-proof, batched use of llama.cpp sequences from Python."""
+
+from __future__ import annotations
+
+import logging
+
+from seqlease.detection import Capabilities, detect
+from seqlease.errors import (
+    BackendUnavailableError,
+    ContextClosedError,
+    ContextOverflowError,
+    DecodeError,
+    EmptyPromptError,
+    InvalidSequenceError,
+    LeaseLeakWarning,
+    MissingSequenceError,
+    ModelLoadError,
+    NativeError,
+    PoolExhausted,
+    SeqleaseError,
+    SequenceReleasedError,
+    TooManyWaiters,
+)
+from seqlease.model_path import default_model_path
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "Capabilities",
+    "ContextClosedError",
+    "ContextOverflowError",
+    "DecodeError",
+    "EmptyPromptError",
+    "InvalidSequenceError",
+    "LeaseLeakWarning",
+    "MissingSequenceError",
+    "ModelLoadError",
+    "NativeError",
+    "PoolExhausted",
+    "SeqleaseError",
+    "SequenceReleasedError",
+    "TooManyWaiters",
+    "__version__",
+    "default_model_path",
+    "detect",
+]
+
+# A library never prints on its own: applications opt in by configuring logging.
+logging.getLogger("seqlease").addHandler(logging.NullHandler())

@@ -1,0 +1,134 @@
+"""Which backend the installed llama-cpp-python can run, decided by looking, not by version.
+
+The founding bug of this project came from trusting one binding version's behaviour; every
+decision here is made with ``hasattr`` on the installed module instead.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from seqlease.native.library import binding_version, load_library
+from seqlease.native.memory import MemoryApiName, resolve_memory_api
+
+__all__ = ["BackendName", "Capabilities", "detect", "detect_from"]
+
+BackendName = Literal["session", "completion"]
+
+# What the session backend calls besides the memory API, grouped by purpose. Each group is
+# satisfied when any one of its alternatives is bound (the names drifted between releases).
+_SESSION_NEEDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("load a model", ("llama_model_load_from_file", "llama_load_model_from_file")),
+    ("create a context", ("llama_init_from_model", "llama_new_context_with_model")),
+    ("tokenize", ("llama_model_get_vocab",)),
+    ("batched decode", ("llama_batch_init",)),
+    ("read logits", ("llama_get_logits_ith",)),
+    ("sampler chains", ("llama_sampler_chain_init",)),
+)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the installed binding can do, and the backend seqlease recommends for it."""
+
+    #: llama-cpp-python's version string, ``None`` when it is not installed.
+    binding_version: str | None
+    #: Which per-sequence memory API generation is bound, ``None`` when none is complete.
+    memory_api: MemoryApiName | None
+    #: The recommended backend, ``None`` when nothing can run.
+    backend: BackendName | None
+    #: Human-readable lines explaining the choice, one per fact that mattered.
+    reasons: tuple[str, ...]
+    #: Whether the session (multi-sequence, batched) backend can run.
+    session: bool
+    #: Whether the completion (``Llama.create_completion``) backend can run.
+    completion: bool
+    #: Whether per-sequence memory queries come from llama.cpp (else seqlease tracks them).
+    native_pos_max: bool
+    #: llama.cpp's build and CPU feature line, when available.
+    system_info: str | None = None
+
+
+def detect_from(lib: Any, llama_class: Any, version: str | None) -> Capabilities:
+    """Decide from a module-shaped ``lib`` (``llama_cpp.llama_cpp``) and ``Llama`` class.
+
+    Both may be ``None`` (not importable). Pure apart from reading attributes, so it can be
+    checked against fake shapes of binding generations that cannot be installed side by side.
+    """
+    if lib is None:
+        return Capabilities(
+            version,
+            None,
+            None,
+            ("llama-cpp-python is not importable: run `pip install llama-cpp-python`",),
+            session=False,
+            completion=False,
+            native_pos_max=False,
+        )
+    memory, reasons_t = resolve_memory_api(lib)
+    reasons = list(reasons_t)
+    missing = [
+        f"{purpose} ({' or '.join(names)})"
+        for purpose, names in _SESSION_NEEDS
+        if not any(hasattr(lib, name) for name in names)
+    ]
+    params = getattr(lib, "llama_context_params", None)
+    fields = {name for name, *_ in getattr(params, "_fields_", ())}
+    if "n_seq_max" not in fields:
+        missing.append("a context with several sequences (llama_context_params.n_seq_max)")
+    if memory is None:
+        missing.append("per-sequence memory operations")
+    session = not missing
+    if session:
+        reasons.append("session backend available: multi-sequence memory ops, n_seq_max, batches")
+    else:
+        reasons.append("session backend unavailable: missing " + "; ".join(missing))
+    completion = llama_class is not None and hasattr(llama_class, "create_completion")
+    reasons.append(
+        "completion backend available: Llama.create_completion"
+        if completion
+        else "completion backend unavailable: no llama_cpp.Llama.create_completion"
+    )
+    backend: BackendName | None = "session" if session else "completion" if completion else None
+    reasons.append(
+        f"recommended backend: {backend}" if backend else "no backend can run on this binding"
+    )
+    system_info = None
+    info_fn = getattr(lib, "llama_print_system_info", None)
+    if info_fn is not None:
+        raw = info_fn()
+        system_info = raw.decode("utf-8", "replace").strip() if isinstance(raw, bytes) else None
+    return Capabilities(
+        binding_version=version,
+        memory_api=memory.name if memory else None,
+        backend=backend,
+        reasons=tuple(reasons),
+        session=session,
+        completion=completion,
+        native_pos_max=memory is not None and memory.seq_pos_max is not None,
+        system_info=system_info,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def detect() -> Capabilities:
+    """Inspect the installed llama-cpp-python once and say which backend seqlease will use."""
+    version = binding_version()
+    try:
+        lib = load_library()
+    except (ImportError, OSError) as exc:
+        caps = detect_from(None, None, version)
+        return Capabilities(
+            caps.binding_version,
+            None,
+            None,
+            (*caps.reasons, f"import failed: {exc}"),
+            session=False,
+            completion=False,
+            native_pos_max=False,
+        )
+    import llama_cpp
+
+    return detect_from(lib, getattr(llama_cpp, "Llama", None), version)

@@ -1,0 +1,194 @@
+"""One ``llama_context``: per-sequence memory, state, batched decode and logits.
+
+Every sequence id and token is validated here, in Python, before it reaches llama.cpp: a bad
+``seq_id`` trips a ``GGML_ASSERT`` that aborts the whole process instead of raising.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+from seqlease.errors import DecodeError, InvalidSequenceError, NativeError, SeqleaseError
+from seqlease.native.memory import MemoryOps
+from seqlease.native.model import NativeModel
+
+__all__ = ["BatchEntry", "NativeContext"]
+
+#: One token of a batch: (token id, position, sequence id, whether its logits are wanted).
+BatchEntry = tuple[int, int, int, bool]
+
+_DECODE_MEANING = {
+    1: "no KV-cache slot for the batch (the context is full: use a smaller batch or wait)",
+    2: "aborted by the abort callback",
+    -1: "invalid batch",
+}
+
+
+class NativeContext:
+    """Owns one ``llama_context`` with ``n_seq_max`` sequences of ``n_ctx_seq`` tokens each.
+
+    Not thread-safe: llama.cpp allows one thread per context at a time, and callers serialize.
+    """
+
+    def __init__(
+        self,
+        lib: ModuleType,
+        model: NativeModel,
+        memory: MemoryOps,
+        *,
+        n_seq_max: int,
+        n_ctx_seq: int,
+        n_batch: int,
+        n_threads: int,
+    ) -> None:
+        """Create the context. Raises :class:`NativeError` when llama.cpp refuses."""
+        self._lib = lib
+        self.model = model
+        self.memory = memory
+        params = lib.llama_context_default_params()
+        params.n_ctx = n_ctx_seq * n_seq_max
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = n_seq_max
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads
+        create = getattr(lib, "llama_init_from_model", None) or lib.llama_new_context_with_model
+        ptr = create(model.ptr, params)
+        if not ptr:
+            raise NativeError(
+                f"llama.cpp could not create a context of {n_seq_max} sequences x {n_ctx_seq} "
+                "tokens: lower sequences= or n_ctx= (see the log on logger 'seqlease.llama')"
+            )
+        self._ptr: Any = ptr
+        self.n_seq_max = n_seq_max
+        self.n_batch = int(lib.llama_n_batch(ptr))
+        # Our own budget: llama.cpp may round each stream up (to 256 cells), never down.
+        self.n_ctx_seq = n_ctx_seq
+        self._batch = lib.llama_batch_init(self.n_batch, 0, n_seq_max)
+        # The kv_cache generation has no seq_pos_max: track the highest position ourselves.
+        self._tracked_pos_max = [-1] * n_seq_max
+
+    # -- validation -------------------------------------------------------------------------
+
+    @property
+    def ptr(self) -> Any:
+        """The raw ``llama_context *``; raises once the context is freed."""
+        if self._ptr is None:
+            raise SeqleaseError("the llama.cpp context has been freed")
+        return self._ptr
+
+    def check_seq(self, seq_id: int) -> None:
+        """Raise :class:`InvalidSequenceError` for an id llama.cpp would abort on."""
+        if isinstance(seq_id, bool) or not isinstance(seq_id, int):
+            raise InvalidSequenceError(f"a sequence id must be an int, not {type(seq_id).__name__}")
+        if not 0 <= seq_id < self.n_seq_max:
+            raise InvalidSequenceError(
+                f"sequence id {seq_id} is outside [0, {self.n_seq_max}): this context has "
+                f"{self.n_seq_max} sequences; lease one with ctx.lease() instead of picking ids"
+            )
+
+    # -- per-sequence memory ----------------------------------------------------------------
+
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        """Remove positions ``[p0, p1)`` of a sequence (``-1, -1``: all of it)."""
+        self.check_seq(seq_id)
+        ok = self.memory.seq_rm(self.ptr, seq_id, p0, p1)
+        if ok:
+            tracked = self._tracked_pos_max[seq_id]
+            if p0 <= 0 and p1 < 0:
+                self._tracked_pos_max[seq_id] = -1
+            elif p1 < 0 or p1 > tracked:
+                self._tracked_pos_max[seq_id] = min(tracked, p0 - 1)
+        return ok
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        """Copy positions ``[p0, p1)`` of ``src`` into ``dst``."""
+        self.check_seq(src)
+        self.check_seq(dst)
+        self.memory.seq_cp(self.ptr, src, dst, p0, p1)
+        self._tracked_pos_max[dst] = max(self._tracked_pos_max[dst], self._tracked_pos_max[src])
+
+    def seq_keep(self, seq_id: int) -> None:
+        """Remove every sequence but ``seq_id``."""
+        self.check_seq(seq_id)
+        self.memory.seq_keep(self.ptr, seq_id)
+        for other in range(self.n_seq_max):
+            if other != seq_id:
+                self._tracked_pos_max[other] = -1
+
+    def seq_pos_max(self, seq_id: int) -> int:
+        """Highest position held by a sequence, -1 when it is empty (asks llama.cpp if it can)."""
+        self.check_seq(seq_id)
+        if self.memory.seq_pos_max is None:
+            return self._tracked_pos_max[seq_id]
+        return self.memory.seq_pos_max(self.ptr, seq_id)
+
+    def clear(self) -> None:
+        """Forget every sequence's tokens."""
+        self.memory.clear(self.ptr)
+        self._tracked_pos_max = [-1] * self.n_seq_max
+
+    # -- per-sequence state -----------------------------------------------------------------
+
+    def state_seq_get(self, seq_id: int) -> bytes:
+        """A snapshot of one sequence's KV memory."""
+        self.check_seq(seq_id)
+        size = int(self._lib.llama_state_seq_get_size(self.ptr, seq_id))
+        buf = (ctypes.c_uint8 * size)()
+        written = int(self._lib.llama_state_seq_get_data(self.ptr, buf, size, seq_id))
+        return bytes(buf[:written])
+
+    def state_seq_set(self, seq_id: int, data: bytes) -> None:
+        """Restore a snapshot from :meth:`state_seq_get` into ``seq_id`` (replacing it)."""
+        self.check_seq(seq_id)
+        self.seq_rm(seq_id)
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if int(self._lib.llama_state_seq_set_data(self.ptr, buf, len(data), seq_id)) == 0:
+            raise NativeError(f"llama.cpp rejected the state snapshot for sequence {seq_id}")
+        if self.memory.seq_pos_max is not None:
+            self._tracked_pos_max[seq_id] = self.memory.seq_pos_max(self.ptr, seq_id)
+
+    # -- decode -----------------------------------------------------------------------------
+
+    def decode(self, entries: Sequence[BatchEntry]) -> None:
+        """Decode one batch. Validates everything first; maps failures to :class:`DecodeError`."""
+        if not entries:
+            raise ValueError("an empty batch cannot be decoded")
+        if len(entries) > self.n_batch:
+            raise ValueError(f"a batch of {len(entries)} tokens exceeds n_batch={self.n_batch}")
+        for token, pos, seq_id, _ in entries:
+            self.model.check_token(token)
+            self.check_seq(seq_id)
+            if not 0 <= pos < self.n_ctx_seq:
+                raise ValueError(
+                    f"position {pos} of sequence {seq_id} is outside [0, {self.n_ctx_seq})"
+                )
+        batch = self._batch
+        for i, (token, pos, seq_id, logits) in enumerate(entries):
+            batch.token[i] = token
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq_id
+            batch.logits[i] = logits
+        batch.n_tokens = len(entries)
+        code = int(self._lib.llama_decode(self.ptr, batch))
+        if code != 0:
+            meaning = _DECODE_MEANING.get(code, "fatal error")
+            raise DecodeError(f"llama_decode returned {code}: {meaning}", code)
+        for _, pos, seq_id, _ in entries:
+            if pos > self._tracked_pos_max[seq_id]:
+                self._tracked_pos_max[seq_id] = pos
+
+    def logits(self, index: int) -> Any:
+        """Pointer to the logits of batch row ``index`` of the last decode."""
+        return self._lib.llama_get_logits_ith(self.ptr, index)
+
+    def close(self) -> None:
+        """Free the batch and the context; idempotent."""
+        if self._ptr is not None:
+            self._lib.llama_batch_free(self._batch)
+            self._lib.llama_free(self._ptr)
+            self._ptr = None

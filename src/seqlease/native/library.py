@@ -1,0 +1,89 @@
+"""Import of the low-level binding, one-time backend set-up, and llama.cpp log routing."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import logging
+import threading
+from types import ModuleType
+from typing import Any
+
+__all__ = ["LLAMA_LOGGER", "binding_version", "load_library"]
+
+#: llama.cpp's own log lines go here. Quiet by default: the ``seqlease`` logger has a NullHandler.
+LLAMA_LOGGER = logging.getLogger("seqlease.llama")
+
+# ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT (continues the previous line).
+_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_CONT = 5
+
+_lock = threading.Lock()
+_lib: ModuleType | None = None
+# ctypes frees a callback's trampoline when the Python object dies, and llama.cpp keeps calling
+# it: keeping it in a module global for the life of the process prevents a segfault.
+_log_callback: Any = None
+
+
+class _LineAssembler:
+    """Joins llama.cpp's log fragments into whole lines before they reach ``logging``."""
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+        self._level = logging.DEBUG
+
+    def feed(self, level: int, text: bytes | None) -> None:
+        if level != _CONT and not self._parts:
+            self._level = _LEVELS.get(level, logging.DEBUG)
+        self._parts.append((text or b"").decode("utf-8", errors="replace"))
+        joined = "".join(self._parts)
+        if "\n" not in joined:
+            return
+        *lines, rest = joined.split("\n")
+        self._parts = [rest] if rest else []
+        if LLAMA_LOGGER.isEnabledFor(self._level):
+            for line in lines:
+                if line.strip():
+                    LLAMA_LOGGER.log(self._level, "%s", line)
+
+
+def load_library() -> ModuleType:
+    """Import ``llama_cpp.llama_cpp``, initialise the backend once, and route its logs.
+
+    Raises:
+        ImportError: llama-cpp-python is not installed or its shared library does not load.
+    """
+    global _lib, _log_callback
+    with _lock:
+        if _lib is not None:
+            return _lib
+        lib = importlib.import_module("llama_cpp.llama_cpp")
+        lib.llama_backend_init()
+        callback_type = getattr(lib, "ggml_log_callback", None) or getattr(
+            lib, "llama_log_callback", None
+        )
+        if callback_type is not None and hasattr(lib, "llama_log_set"):
+            assembler = _LineAssembler()
+
+            def _on_log(level: int, text: bytes | None, _user_data: Any) -> None:
+                assembler.feed(level, text)
+
+            _log_callback = callback_type(_on_log)
+            # Older bindings declare the parameter as a void pointer, newer ones as the type.
+            argtypes = getattr(lib.llama_log_set, "argtypes", None) or [ctypes.c_void_p]
+            if argtypes[0] is ctypes.c_void_p:
+                lib.llama_log_set(ctypes.cast(_log_callback, ctypes.c_void_p), None)
+            else:
+                lib.llama_log_set(_log_callback, None)
+        _lib = lib
+        return lib
+
+
+def binding_version() -> str | None:
+    """Installed llama-cpp-python version, read without loading the shared library."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("llama-cpp-python")
+    except metadata.PackageNotFoundError:
+        return None

@@ -1,0 +1,133 @@
+"""Per-sequence memory operations, mapped onto whichever generation of names the binding has.
+
+llama-cpp-python renamed these twice and dropped the old names each time (no aliases):
+
+* ``llama_memory_*`` on ``llama_get_memory(ctx)``: 0.3.10 and newer;
+* ``llama_kv_self_*`` on the context: 0.3.9 to 0.3.16 (0.3.9 binds ``seq_rm`` only under the
+  older ``llama_kv_cache_seq_rm`` name);
+* ``llama_kv_cache_*`` on the context: 0.3.9 and older, with no ``seq_pos_max`` at all.
+
+Where several are bound, the newest wins (the older ones were deprecated upstream first).
+Resolution only looks at which names exist, so it works on any module-shaped object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = ["MemoryApiName", "MemoryOps", "resolve_memory_api"]
+
+MemoryApiName = Literal["memory", "kv_self", "kv_cache"]
+
+# Every operation a generation must offer, by seqlease's name, in the names each generation uses.
+# ``None`` marks an operation the generation never had: seqlease tracks it in Python instead.
+_GENERATIONS: tuple[tuple[MemoryApiName, dict[str, tuple[str, ...] | None]], ...] = (
+    (
+        "memory",
+        {
+            "clear": ("llama_memory_clear",),
+            "seq_rm": ("llama_memory_seq_rm",),
+            "seq_cp": ("llama_memory_seq_cp",),
+            "seq_keep": ("llama_memory_seq_keep",),
+            "seq_pos_max": ("llama_memory_seq_pos_max",),
+        },
+    ),
+    (
+        "kv_self",
+        {
+            "clear": ("llama_kv_self_clear",),
+            "seq_rm": ("llama_kv_self_seq_rm", "llama_kv_cache_seq_rm"),
+            "seq_cp": ("llama_kv_self_seq_cp",),
+            "seq_keep": ("llama_kv_self_seq_keep",),
+            "seq_pos_max": ("llama_kv_self_seq_pos_max",),
+        },
+    ),
+    (
+        "kv_cache",
+        {
+            "clear": ("llama_kv_cache_clear",),
+            "seq_rm": ("llama_kv_cache_seq_rm",),
+            "seq_cp": ("llama_kv_cache_seq_cp",),
+            "seq_keep": ("llama_kv_cache_seq_keep",),
+            "seq_pos_max": None,
+        },
+    ),
+)
+
+
+@dataclass(frozen=True)
+class MemoryOps:
+    """Raw memory functions of one generation, each taking the *context* pointer first.
+
+    ``seq_pos_max`` is ``None`` where the binding never had it (``kv_cache``): the caller then
+    tracks positions itself. Sequence ids are *not* validated here; that is the job of
+    :class:`seqlease.native.context.NativeContext`, the only caller.
+    """
+
+    name: MemoryApiName
+    clear: Callable[[Any], None]
+    seq_rm: Callable[[Any, int, int, int], bool]
+    seq_cp: Callable[[Any, int, int, int, int], None]
+    seq_keep: Callable[[Any, int], None]
+    seq_pos_max: Callable[[Any, int], int] | None
+
+
+def _first_bound(lib: Any, names: tuple[str, ...]) -> Callable[..., Any] | None:
+    for name in names:
+        fn = getattr(lib, name, None)
+        if fn is not None:
+            return fn  # type: ignore[no-any-return]
+    return None
+
+
+def resolve_memory_api(lib: Any) -> tuple[MemoryOps | None, tuple[str, ...]]:
+    """Pick the newest complete memory-API generation bound in ``lib``.
+
+    Returns the operations (``None`` when no generation is complete) and one human-readable
+    line per generation explaining why it was taken or passed over.
+    """
+    reasons: list[str] = []
+    for name, wanted in _GENERATIONS:
+        found: dict[str, Callable[..., Any] | None] = {}
+        missing: list[str] = []
+        for op, candidates in wanted.items():
+            if candidates is None:
+                found[op] = None
+                continue
+            fn = _first_bound(lib, candidates)
+            if fn is None:
+                missing.append(candidates[0])
+            found[op] = fn
+        if missing:
+            reasons.append(f"memory API {name!r} not usable: missing {', '.join(missing)}")
+            continue
+        reasons.append(f"memory API {name!r}: all per-sequence operations are bound")
+        return _wrap(lib, name, found), tuple(reasons)
+    return None, tuple(reasons)
+
+
+def _wrap(lib: Any, name: MemoryApiName, fns: dict[str, Callable[..., Any] | None]) -> MemoryOps:
+    clear, seq_rm, seq_cp, seq_keep, pos_max = (
+        fns["clear"],
+        fns["seq_rm"],
+        fns["seq_cp"],
+        fns["seq_keep"],
+        fns["seq_pos_max"],
+    )
+    assert clear and seq_rm and seq_cp and seq_keep
+    if name != "memory":
+        return MemoryOps(name, clear, seq_rm, seq_cp, seq_keep, pos_max)
+    # The newest generation works on a memory handle, not the context; `clear` also takes a
+    # flag saying whether to zero the data buffers (not needed to forget the tokens).
+    mem = lib.llama_get_memory
+    assert pos_max is not None
+    return MemoryOps(
+        name,
+        clear=lambda ctx: clear(mem(ctx), False),
+        seq_rm=lambda ctx, s, p0, p1: bool(seq_rm(mem(ctx), s, p0, p1)),
+        seq_cp=lambda ctx, src, dst, p0, p1: seq_cp(mem(ctx), src, dst, p0, p1),
+        seq_keep=lambda ctx, s: seq_keep(mem(ctx), s),
+        seq_pos_max=lambda ctx, s: int(pos_max(mem(ctx), s)),
+    )
