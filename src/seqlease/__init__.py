@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from seqlease.context import Context
 from seqlease.detection import Capabilities, detect
 from seqlease.errors import (
     BackendUnavailableError,
@@ -22,23 +23,29 @@ from seqlease.errors import (
     TooManyWaiters,
 )
 from seqlease.model_path import default_model_path
+from seqlease.pool import Holder, PoolStats
+from seqlease.sequence import Sequence
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
     "Capabilities",
+    "Context",
     "ContextClosedError",
     "ContextOverflowError",
     "DecodeError",
     "EmptyPromptError",
+    "Holder",
     "InvalidSequenceError",
     "LeaseLeakWarning",
     "MissingSequenceError",
     "ModelLoadError",
     "NativeError",
     "PoolExhausted",
+    "PoolStats",
     "SeqleaseError",
+    "Sequence",
     "SequenceReleasedError",
     "TooManyWaiters",
     "__version__",

@@ -26,6 +26,7 @@ def default_model_path() -> Path:
 
     Raises:
         ModelLoadError: no override is set and the ``model`` extra is not installed.
+
     """
     override = os.environ.get(MODEL_ENV_VAR)
     if override:
@@ -52,6 +53,7 @@ def check_model_file(path: str | os.PathLike[str]) -> Path:
 
     Raises:
         ModelLoadError: the path is missing, a directory, unreadable, or not GGUF.
+
     """
     model = Path(path)
     if not model.exists():

@@ -15,7 +15,13 @@ __all__ = ["LLAMA_LOGGER", "binding_version", "load_library"]
 LLAMA_LOGGER = logging.getLogger("seqlease.llama")
 
 # ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT (continues the previous line).
-_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_LEVELS = {
+    0: logging.DEBUG,
+    1: logging.DEBUG,
+    2: logging.INFO,
+    3: logging.WARNING,
+    4: logging.ERROR,
+}
 _CONT = 5
 
 _lock = threading.Lock()
@@ -52,6 +58,7 @@ def load_library() -> ModuleType:
 
     Raises:
         ImportError: llama-cpp-python is not installed or its shared library does not load.
+
     """
     global _lib, _log_callback
     with _lock:

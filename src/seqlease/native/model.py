@@ -22,6 +22,7 @@ class NativeModel:
 
         Raises:
             ModelLoadError: the file is missing, a directory, not GGUF, or llama.cpp rejects it.
+
         """
         self._lib = lib
         self.path = check_model_file(path)
@@ -50,7 +51,9 @@ class NativeModel:
             raise SeqleaseError("the model has been freed")
         return self._ptr
 
-    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+    def tokenize(
+        self, text: str, *, add_special: bool = True, parse_special: bool = True
+    ) -> list[int]:
         """Tokenize ``text`` (BOS added when the model wants it and ``add_special`` is true)."""
         data = text.encode("utf-8")
         capacity = len(data) + 8

@@ -1,0 +1,1 @@
+"""Backends: what a :class:`~seqlease.Context` runs on, chosen by feature detection."""

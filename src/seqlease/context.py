@@ -1,0 +1,230 @@
+"""The :class:`Context`: one model, one llama.cpp context, a pool of sequences."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import weakref
+from collections.abc import AsyncIterator, Iterator
+from types import TracebackType
+from typing import Literal
+
+from typing_extensions import Self
+
+from seqlease.backends.session import SessionBackend
+from seqlease.detection import Capabilities, detect
+from seqlease.errors import BackendUnavailableError
+from seqlease.model_path import default_model_path
+from seqlease.native.library import load_library
+from seqlease.pool import PoolStats, SequencePool, Slot
+from seqlease.pool.origin import caller_origin
+from seqlease.sequence import Sequence
+
+__all__ = ["MAX_SEQUENCES", "Context"]
+
+logger = logging.getLogger("seqlease")
+
+#: Largest pool seqlease accepts (llama.cpp's own LLAMA_MAX_SEQ is 256).
+MAX_SEQUENCES = 256
+_BACKENDS = ("auto", "session", "completion")
+
+
+class Context:
+    """One model, one llama.cpp context, and a pool of ``sequences`` independent sequences.
+
+    Each sequence is a separate conversation with its own KV memory of ``n_ctx`` tokens. Lease
+    one per request with :meth:`lease` (or :meth:`alease` in asyncio code): it is always given
+    back, cleared, whatever happens inside the ``with`` block.
+
+    Example:
+        >>> with seqlease.Context(sequences=2) as ctx:  # doctest: +SKIP
+        ...     with ctx.lease(timeout=0) as seq:
+        ...         print(seq.id)
+
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str] | None = None,
+        *,
+        sequences: int = 2,
+        n_ctx: int = 2048,
+        backend: Literal["auto", "session", "completion"] = "auto",
+        n_threads: int | None = None,
+        max_waiting: int | None = None,
+        n_batch: int = 512,
+    ) -> None:
+        """Load the model and create the context.
+
+        Raises:
+            ValueError: an argument is out of range (the message says the allowed range).
+            ModelLoadError: the model file is missing or not GGUF.
+            BackendUnavailableError: the requested backend cannot run on this binding.
+
+        """
+        _check_int("sequences", sequences, 1, MAX_SEQUENCES)
+        _check_int("n_ctx", n_ctx, 8, 1 << 20)
+        _check_int("n_batch", n_batch, 1, 1 << 16)
+        if n_threads is not None:
+            _check_int("n_threads", n_threads, 1, 1024)
+        if max_waiting is not None:
+            _check_int("max_waiting", max_waiting, 0, 1 << 30)
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, not {backend!r}")
+        self.capabilities: Capabilities = detect()
+        chosen = self._choose_backend(backend)
+        self.model_path = os.fspath(model_path if model_path is not None else default_model_path())
+        self.backend = SessionBackend(
+            load_library(),
+            self.model_path,
+            sequences=sequences,
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            n_threads=n_threads or _default_threads(),
+        )
+        logger.info(
+            "context ready: %s backend, %d sequences x %d tokens, model %s",
+            chosen,
+            sequences,
+            n_ctx,
+            self.model_path,
+        )
+        self.sequences = sequences
+        self.n_ctx = n_ctx
+        self._pool = SequencePool(
+            sequences,
+            clear=self.backend.clear_sequence,
+            max_waiting=max_waiting,
+            on_idle_after_close=self.backend.close,
+        )
+        # A Context dropped without close(): free native memory once nothing refers to it
+        # (every live lease holds a reference, so no lease can be out by then).
+        self._finalizer = weakref.finalize(self, self.backend.close)
+
+    def _choose_backend(self, requested: str) -> str:
+        caps = self.capabilities
+        why = "; ".join(caps.reasons)
+        if requested == "auto":
+            if caps.backend != "session":
+                raise BackendUnavailableError(
+                    "the session backend cannot run on this llama-cpp-python "
+                    f"{caps.binding_version}: {why}"
+                )
+            logger.info("backend auto-selected: session (%s)", why)
+            return "session"
+        if requested == "session" and not caps.session:
+            raise BackendUnavailableError(f"backend='session' is unavailable: {why}")
+        if requested == "completion":
+            raise BackendUnavailableError(
+                "backend='completion' is not available in this release of seqlease yet; "
+                "use backend='session' or 'auto'"
+            )
+        return requested
+
+    # -- leases -----------------------------------------------------------------------------
+
+    def acquire(self, timeout: float | None = None) -> Sequence:
+        """Lease a sequence; the caller must call :meth:`Sequence.release`.
+
+        Prefer :meth:`lease`. ``timeout=None`` waits as long as it takes, ``timeout=0`` fails at
+        once when none is free. Waiters are served strictly first come, first served.
+
+        Raises:
+            PoolExhausted: no sequence became free within ``timeout``.
+            TooManyWaiters: ``max_waiting`` callers are already queued.
+            ContextClosedError: the context is closed.
+
+        """
+        slot, generation = self._pool.acquire(timeout, caller_origin())
+        return self._handle(slot, generation)
+
+    async def aacquire(self, timeout: float | None = None) -> Sequence:
+        """Async :meth:`acquire`: waits without blocking the event loop; cancellation-safe."""
+        slot, generation = await self._pool.aacquire(timeout, caller_origin())
+        return self._handle(slot, generation)
+
+    def _handle(self, slot: Slot, generation: int) -> Sequence:
+        try:
+            return Sequence(self, self._pool, slot, generation, slot.origin)
+        except BaseException:
+            if self._pool.begin_release(slot, generation):
+                self._pool.finish_release(slot)
+            raise
+
+    @contextlib.contextmanager
+    def lease(self, timeout: float | None = None) -> Iterator[Sequence]:
+        """Lease a sequence for the ``with`` block; it is released, cleared, whatever happens.
+
+        Raises the same errors as :meth:`acquire`.
+        """
+        seq = self.acquire(timeout)
+        try:
+            yield seq
+        finally:
+            seq.release()
+
+    @contextlib.asynccontextmanager
+    async def alease(self, timeout: float | None = None) -> AsyncIterator[Sequence]:
+        """Async :meth:`lease`, safe against cancellation while waiting and inside the block."""
+        seq = await self.aacquire(timeout)
+        try:
+            yield seq
+        finally:
+            seq.release()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def stats(self) -> PoolStats:
+        """A frozen snapshot of the pool: sizes, counters and who holds what."""
+        return self._pool.stats()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._pool.closed
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop leasing, fail waiters, and free native memory once every lease is back.
+
+        Waits up to ``timeout`` seconds (``None``: as long as it takes) for leases held by
+        other threads. Leases still out afterwards (or held by this thread) stay usable; the
+        native memory is freed when the last of them is released. Idempotent.
+        """
+        if self._pool.close(timeout):
+            self._finalizer()
+        elif out := self._pool.stats().leased:
+            logger.warning(
+                "context closed with %d leases out: native memory is freed when the last is "
+                "released",
+                out,
+            )
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        state = "closed" if self.closed else "open"
+        return (
+            f"<seqlease.Context {state} {self.backend.name} sequences={s.size} "
+            f"leased={s.leased} waiting={s.waiting}>"
+        )
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an int in [{low}, {high}], not {value!r}")
+
+
+def _default_threads() -> int:
+    # llama.cpp on CPU gains little past the physical cores; leave nothing idle on small boxes.
+    return max(1, min(8, os.cpu_count() or 1))

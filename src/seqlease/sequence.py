@@ -1,0 +1,109 @@
+"""The :class:`Sequence` handle: one lease of one llama.cpp sequence."""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from seqlease.errors import SequenceReleasedError
+
+if TYPE_CHECKING:
+    from seqlease.context import Context
+    from seqlease.pool import SequencePool, Slot
+
+__all__ = ["Sequence"]
+
+logger = logging.getLogger("seqlease.pool")
+
+
+class Sequence:
+    """A leased llama.cpp sequence. Get one from :meth:`Context.lease` or :meth:`Context.acquire`.
+
+    The handle is valid from the lease until :meth:`release`; afterwards every use raises
+    :class:`SequenceReleasedError`, even once the same ``seq_id`` is leased to someone else,
+    whose state this handle can never touch. A handle dropped without release is reclaimed
+    (and a :class:`LeaseLeakWarning` names where it was leased).
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_closers",
+        "_context",
+        "_finalizer",
+        "_generation",
+        "_pool",
+        "_slot",
+    )
+
+    def __init__(
+        self, context: Context, pool: SequencePool, slot: Slot, generation: int, origin: str
+    ) -> None:
+        self._context = context
+        self._pool = pool
+        self._slot = slot
+        self._generation = generation
+        self._closers: list[Callable[[], None]] = []
+        self._finalizer = weakref.finalize(self, pool.handle_lost, slot, generation, origin)
+
+    @property
+    def id(self) -> int:
+        """The llama.cpp ``seq_id`` (readable even after release, for logs)."""
+        return self._slot.seq_id
+
+    @property
+    def context(self) -> Context:
+        """The :class:`Context` this sequence belongs to."""
+        return self._context
+
+    @property
+    def released(self) -> bool:
+        """Whether this handle has been released (or reclaimed)."""
+        return not self._pool.is_current(self._slot, self._generation)
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens currently held in this sequence's KV memory."""
+        self.check()
+        return self._context.backend.n_tokens(self._slot.seq_id)
+
+    def check(self) -> None:
+        """Raise :class:`SequenceReleasedError` unless this handle still owns its sequence."""
+        if not self._pool.is_current(self._slot, self._generation):
+            raise SequenceReleasedError(
+                f"sequence {self._slot.seq_id} (lease #{self._generation}) was released; "
+                "lease a new one with `with ctx.lease() as seq:`"
+            )
+
+    def add_closer(self, close: Callable[[], None]) -> None:
+        """Run ``close`` when the lease ends, before the memory is cleared (newest first)."""
+        self.check()
+        self._closers.append(close)
+
+    def remove_closer(self, close: Callable[[], None]) -> None:
+        """Forget a closer added with :meth:`add_closer` (a session closed on its own)."""
+        if close in self._closers:
+            self._closers.remove(close)
+
+    def release(self) -> None:
+        """Close bound sessions, clear the memory, and return the sequence to the pool.
+
+        Idempotent: a second call on the same handle does nothing (it is counted in stats).
+        """
+        if not self._pool.begin_release(self._slot, self._generation):
+            return
+        self._finalizer.detach()
+        try:
+            while self._closers:
+                closer = self._closers.pop()
+                try:
+                    closer()
+                except Exception:
+                    logger.exception("closing a session of sequence %d failed", self.id)
+        finally:
+            self._pool.finish_release(self._slot)
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else "leased"
+        return f"<seqlease.Sequence id={self.id} lease=#{self._generation} {state}>"
