@@ -116,7 +116,8 @@ def _wrap(lib: Any, name: MemoryApiName, fns: dict[str, Callable[..., Any] | Non
         fns["seq_keep"],
         fns["seq_pos_max"],
     )
-    assert clear and seq_rm and seq_cp and seq_keep
+    if clear is None or seq_rm is None or seq_cp is None or seq_keep is None:
+        raise AssertionError("resolve_memory_api only wraps complete generations")
     if name != "memory":
         return MemoryOps(name, clear, seq_rm, seq_cp, seq_keep, pos_max)
     # The newest generation works on a memory handle, not the context; `clear` also takes a

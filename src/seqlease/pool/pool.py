@@ -80,6 +80,7 @@ class SequencePool:
             got = self._admit(timeout, origin, ThreadWaiter)
         if isinstance(got, Slot):
             return self._granted(got, 0.0)
+        assert isinstance(got, ThreadWaiter)
         try:
             got.event.wait(timeout)
         except BaseException:
