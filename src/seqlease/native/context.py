@@ -64,6 +64,10 @@ class NativeContext:
             )
         self._ptr: Any = ptr
         self.n_seq_max = n_seq_max
+        # Bindings without the field (before 0.3.15) have one cache shared by all sequences.
+        # With kv_unified=False each sequence has its own stream, and llama.cpp aborts on a
+        # partial seq_cp between two streams (GGML_ASSERT "only supported for full KV buffers").
+        self.kv_unified = bool(getattr(params, "kv_unified", True))
         self.n_batch = int(lib.llama_n_batch(ptr))
         # Our own budget: llama.cpp may round each stream up (to 256 cells), never down.
         self.n_ctx_seq = n_ctx_seq
@@ -101,20 +105,36 @@ class NativeContext:
             if p0 <= 0 and p1 < 0:
                 self._tracked_pos_max[seq_id] = -1
             elif p1 < 0 or p1 > tracked:
-                self._tracked_pos_max[seq_id] = min(tracked, p0 - 1)
+                # llama.cpp reads a negative p0 as 0: never track a position below -1.
+                self._tracked_pos_max[seq_id] = min(tracked, max(p0, 0) - 1)
         return ok
 
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
         """Copy positions ``[p0, p1)`` of ``src`` into ``dst``."""
         self.check_seq(src)
         self.check_seq(dst)
+        split = not self.kv_unified and src != dst
+        if split and (p0 > 0 or p1 >= 0):
+            raise ValueError(
+                "only whole sequences can be copied between sequences of this context "
+                f"(kv_unified=False): use p0=-1, p1=-1, not p0={p0}, p1={p1}"
+            )
         self.memory.seq_cp(self.ptr, src, dst, p0, p1)
-        self._tracked_pos_max[dst] = max(self._tracked_pos_max[dst], self._tracked_pos_max[src])
+        if split:  # a copy across streams replaces the destination's stream
+            self._tracked_pos_max[dst] = self._tracked_pos_max[src]
+        else:
+            self._tracked_pos_max[dst] = max(self._tracked_pos_max[dst], self._tracked_pos_max[src])
 
     def seq_keep(self, seq_id: int) -> None:
         """Remove every sequence but ``seq_id``."""
         self.check_seq(seq_id)
         self.memory.seq_keep(self.ptr, seq_id)
+        if not self.kv_unified:
+            # llama.cpp's seq_keep only sweeps the kept sequence's own stream: with one stream
+            # per sequence the others are untouched, so remove them explicitly.
+            for other in range(self.n_seq_max):
+                if other != seq_id:
+                    self.memory.seq_rm(self.ptr, other, -1, -1)
         for other in range(self.n_seq_max):
             if other != seq_id:
                 self._tracked_pos_max[other] = -1

@@ -1,0 +1,303 @@
+"""Backend detection: the real installed binding, fake shapes of older generations, and doctor.
+
+Fakes (tests/fake_bindings.py) are used here and only here: detection is pure attribute
+inspection, and the older generations cannot be installed next to the real one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import llama_cpp.llama_cpp as real_lib
+import pytest
+
+import fake_bindings as fb
+import seqlease
+from seqlease.__main__ import main
+from seqlease.detection import _SESSION_NEEDS, Capabilities, detect, detect_from
+from seqlease.native.memory import resolve_memory_api
+
+# -- the real, installed binding ---------------------------------------------------------------
+
+
+def test_detect_real_binding() -> None:
+    caps = detect()
+    assert caps.memory_api == "memory"
+    assert caps.backend == "session"
+    assert caps.session is True
+    assert caps.completion is True
+    assert caps.native_pos_max is True
+    assert caps.binding_version == llama_cpp.__version__
+    assert caps.system_info  # llama_print_system_info is bound and says something
+    assert "recommended backend: session" in caps.reasons
+
+
+def test_detect_is_exported_and_cached() -> None:
+    assert seqlease.detect is detect
+    assert detect() is detect()
+
+
+def test_newest_fake_matches_the_installed_binding() -> None:
+    # Ties the fakes to reality for the one generation that is installed: if the fake drifts,
+    # the tests against it stop meaning anything.
+    for name in fb.NAMES_NEWEST:
+        assert hasattr(real_lib, name), name
+    real_fields = [name for name, *_ in real_lib.llama_context_params._fields_]
+    assert tuple(real_fields) == fb.FIELDS_NEWEST
+    stale = [n for n in dir(real_lib) if n.startswith(("llama_kv_self_", "llama_kv_cache_seq"))]
+    assert stale == []
+
+
+# -- fake generations ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "memory_api", "native_pos_max"),
+    [
+        (fb.binding_0_3_8, "kv_cache", False),
+        (fb.binding_0_3_9, "kv_self", True),
+        (fb.binding_0_3_16, "memory", True),
+        (fb.binding_newest, "memory", True),
+    ],
+    ids=["0.3.8", "0.3.9", "0.3.16", "newest"],
+)
+def test_generations_with_a_session_backend(
+    make: Any, memory_api: str, native_pos_max: bool
+) -> None:
+    caps = detect_from(make(), fb.FakeLlama, "x.y.z")
+    assert caps.memory_api == memory_api
+    assert caps.native_pos_max is native_pos_max
+    assert caps.session is True
+    assert caps.completion is True
+    assert caps.backend == "session"
+    assert caps.binding_version == "x.y.z"
+    assert caps.system_info == fb.SYSTEM_INFO.decode().strip()
+
+
+def test_newest_generation_wins_where_several_are_bound() -> None:
+    lib = fb.binding_0_3_16()  # both llama_kv_self_* and llama_memory_* exist
+    ops, reasons = resolve_memory_api(lib)
+    assert ops is not None
+    assert ops.name == "memory"
+    assert ops.seq_rm("ctx", 1, -1, -1) is True
+    assert ops.seq_pos_max is not None
+    assert ops.seq_pos_max("ctx", 1) == 41
+    # The memory generation works on llama_get_memory(ctx), never on the context directly.
+    assert lib.calls == [
+        ("llama_get_memory", ("ctx",)),
+        ("llama_memory_seq_rm", (fb.MEMORY_HANDLE, 1, -1, -1)),
+        ("llama_get_memory", ("ctx",)),
+        ("llama_memory_seq_pos_max", (fb.MEMORY_HANDLE, 1)),
+    ]
+    assert not any(name.startswith("llama_kv_self") for name, _ in lib.calls)
+    assert reasons == ("memory API 'memory': all per-sequence operations are bound",)
+
+
+def test_memory_clear_passes_the_data_flag() -> None:
+    lib = fb.binding_newest()
+    ops, _ = resolve_memory_api(lib)
+    assert ops is not None
+    ops.clear("ctx")
+    assert lib.calls[-1] == ("llama_memory_clear", (fb.MEMORY_HANDLE, False))
+
+
+def test_0_3_9_removes_through_llama_kv_cache_seq_rm() -> None:
+    lib = fb.binding_0_3_9()
+    assert not hasattr(lib, "llama_kv_self_seq_rm")
+    ops, _ = resolve_memory_api(lib)
+    assert ops is not None
+    assert ops.name == "kv_self"
+    assert ops.seq_rm is lib.llama_kv_cache_seq_rm
+    # Everything else comes from the kv_self generation, not from the older names.
+    assert ops.seq_cp is lib.llama_kv_self_seq_cp
+    assert ops.seq_keep is lib.llama_kv_self_seq_keep
+    assert ops.clear is lib.llama_kv_self_clear
+    assert ops.seq_pos_max is lib.llama_kv_self_seq_pos_max
+
+
+def test_0_3_8_has_no_native_pos_max() -> None:
+    ops, reasons = resolve_memory_api(fb.binding_0_3_8())
+    assert ops is not None
+    assert ops.name == "kv_cache"
+    assert ops.seq_pos_max is None
+    assert any("'memory' not usable" in r and "llama_memory_clear" in r for r in reasons)
+    assert any("'kv_self' not usable" in r for r in reasons)
+
+
+def test_incomplete_newest_generation_is_not_used() -> None:
+    lib = fb.binding_newest(without=["llama_memory_seq_pos_max"])
+    caps = detect_from(lib, fb.FakeLlama, None)
+    assert caps.memory_api is None
+    assert caps.session is False
+    assert caps.backend == "completion"
+    assert any("llama_memory_seq_pos_max" in r for r in caps.reasons)
+    assert any("per-sequence memory operations" in r for r in caps.reasons)
+
+
+def test_0_2_x_falls_back_to_completion_and_says_why() -> None:
+    caps = detect_from(fb.binding_0_2_x(), fb.FakeLlama, "0.2.26")
+    assert caps.memory_api == "kv_cache"  # the memory ops exist ...
+    assert caps.session is False  # ... but the rest of the session backend does not
+    assert caps.completion is True
+    assert caps.backend == "completion"
+    unavailable = next(r for r in caps.reasons if r.startswith("session backend unavailable"))
+    assert "llama_sampler_chain_init" in unavailable
+    assert "n_seq_max" in unavailable
+    assert "llama_model_get_vocab" in unavailable
+    assert "recommended backend: completion" in caps.reasons
+
+
+@pytest.mark.parametrize(("purpose", "names"), _SESSION_NEEDS, ids=[p for p, _ in _SESSION_NEEDS])
+def test_each_session_need_is_required(purpose: str, names: tuple[str, ...]) -> None:
+    caps = detect_from(fb.binding_newest(without=names), fb.FakeLlama, None)
+    assert caps.session is False
+    assert caps.backend == "completion"
+    assert any(purpose in r and names[0] in r for r in caps.reasons)
+
+
+def test_either_name_of_a_renamed_function_is_enough() -> None:
+    # 0.3.x before llama_model_load_from_file / llama_init_from_model existed.
+    lib = fb.binding_newest(without=["llama_model_load_from_file", "llama_init_from_model"])
+    assert detect_from(lib, fb.FakeLlama, None).session is True
+
+
+def test_no_n_seq_max_means_no_session() -> None:
+    lib = fb.make_module(fb.NAMES_NEWEST, [f for f in fb.FIELDS_NEWEST if f != "n_seq_max"])
+    caps = detect_from(lib, fb.FakeLlama, None)
+    assert caps.memory_api == "memory"
+    assert caps.session is False
+    assert any("n_seq_max" in r for r in caps.reasons)
+
+
+def test_session_without_llama_class() -> None:
+    caps = detect_from(fb.binding_newest(), None, None)
+    assert caps.backend == "session"
+    assert caps.completion is False
+    assert "completion backend unavailable: no llama_cpp.Llama.create_completion" in caps.reasons
+
+
+def test_nothing_bound_means_no_backend() -> None:
+    caps = detect_from(fb.binding_empty(), None, None)
+    assert caps.backend is None
+    assert caps.memory_api is None
+    assert caps.session is False
+    assert caps.completion is False
+    assert caps.native_pos_max is False
+    assert caps.system_info is None
+    assert "no backend can run on this binding" in caps.reasons
+
+
+def test_binding_not_importable() -> None:
+    caps = detect_from(None, None, None)
+    assert caps.backend is None
+    assert caps.session is caps.completion is False
+    assert any("pip install llama-cpp-python" in r for r in caps.reasons)
+
+
+def test_capabilities_is_frozen() -> None:
+    caps = detect_from(fb.binding_newest(), fb.FakeLlama, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        caps.backend = "completion"  # type: ignore[misc]
+    assert isinstance(caps, Capabilities)
+    assert hash(caps) == hash(dataclasses.replace(caps))
+
+
+# -- doctor ------------------------------------------------------------------------------------
+
+
+def test_doctor_in_process(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^llama-cpp-python +" + re.escape(llama_cpp.__version__) + "$", out, re.M)
+    assert re.search(r"^backend +session$", out, re.M)
+    assert re.search(r"^status +ready$", out, re.M)
+    for reason in detect().reasons:
+        assert reason in out
+
+
+def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "doctor" in capsys.readouterr().err
+
+
+def _doctor(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "seqlease", "doctor", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+        check=False,
+    )
+
+
+def test_doctor_subprocess() -> None:
+    result = _doctor()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert llama_cpp.__version__ in result.stdout
+    assert re.search(r"^backend +session$", result.stdout, re.M)
+    assert "memory" in result.stdout
+    assert result.stderr == ""
+
+
+def test_doctor_subprocess_missing_model(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.gguf"
+    result = _doctor(env={"SEQLEASE_MODEL": str(missing)})
+    assert result.returncode == 1
+    words = " ".join(result.stdout.split())  # long messages are wrapped
+    assert "NOT READY" in words
+    assert f"model file {str(missing)!r} does not exist" in words
+
+
+def test_doctor_load_rejects_damaged_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    assert main(["doctor", "--load", "--model", str(damaged)]) == 1
+    words = " ".join(capsys.readouterr().out.split())
+    assert "GGUF header ok" in words  # the magic is right ...
+    assert "llama.cpp cannot load the model" in words  # ... but llama.cpp refuses it
+
+
+def test_doctor_load_real_model(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["doctor", "--load"]) == 0
+    assert re.search(r"^model load +ok: llama ", capsys.readouterr().out, re.M)
+
+
+@pytest.mark.parametrize(
+    ("make", "llama_class", "status", "backend"),
+    [
+        (fb.binding_empty, None, 1, "none"),
+        (fb.binding_0_2_x, fb.FakeLlama, 0, "completion"),
+        (fb.binding_0_3_8, fb.FakeLlama, 0, "session"),
+    ],
+    ids=["nothing", "0.2.x", "0.3.8"],
+)
+def test_doctor_reports_other_generations(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    make: Any,
+    llama_class: Any,
+    status: int,
+    backend: str,
+) -> None:
+    # Only what detection reports is faked; the model checks below it stay real.
+    caps = detect_from(make(), llama_class, "0.0.0")
+    monkeypatch.setattr("seqlease.detection.detect", lambda: caps)
+    assert main(["doctor"]) == status
+    out = capsys.readouterr().out
+    assert re.search(rf"^backend +{backend}$", out, re.M)
+    for reason in caps.reasons:
+        assert " ".join(reason.split()) in " ".join(out.split())
+    if status:
+        assert "no backend can run on this llama-cpp-python" in out
+    else:
+        assert re.search(r"^status +ready$", out, re.M)
