@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import weakref
-from collections.abc import AsyncIterator, Iterator
 from types import TracebackType
 from typing import Literal
 
@@ -19,7 +17,7 @@ from seqlease.model_path import default_model_path
 from seqlease.native.library import load_library
 from seqlease.pool import PoolStats, SequencePool, Slot
 from seqlease.pool.origin import caller_origin
-from seqlease.sequence import Sequence
+from seqlease.sequence import AsyncLease, Lease, Sequence
 
 __all__ = ["MAX_SEQUENCES", "Context"]
 
@@ -152,26 +150,19 @@ class Context:
                 self._pool.finish_release(slot)
             raise
 
-    @contextlib.contextmanager
-    def lease(self, timeout: float | None = None) -> Iterator[Sequence]:
-        """Lease a sequence for the ``with`` block; it is released, cleared, whatever happens.
+    def lease(self, timeout: float | None = None) -> Lease:
+        """Lease a sequence for a ``with`` block; it is released, cleared, whatever happens.
 
-        Raises the same errors as :meth:`acquire`.
+        ``with ctx.lease(timeout=0) as seq: ...``. Raises the same errors as :meth:`acquire`.
         """
-        seq = self.acquire(timeout)
-        try:
-            yield seq
-        finally:
-            seq.release()
+        return Lease(self, timeout)
 
-    @contextlib.asynccontextmanager
-    async def alease(self, timeout: float | None = None) -> AsyncIterator[Sequence]:
-        """Async :meth:`lease`, safe against cancellation while waiting and inside the block."""
-        seq = await self.aacquire(timeout)
-        try:
-            yield seq
-        finally:
-            seq.release()
+    def alease(self, timeout: float | None = None) -> AsyncLease:
+        """Async :meth:`lease`, safe against cancellation while waiting and inside the block.
+
+        ``async with ctx.alease() as seq: ...``.
+        """
+        return AsyncLease(self, timeout)
 
     # -- lifecycle --------------------------------------------------------------------------
 

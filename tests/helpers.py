@@ -1,0 +1,51 @@
+"""Shared helpers for tests that run the real llama.cpp through a Context."""
+
+from __future__ import annotations
+
+import time
+
+import seqlease
+from seqlease.pool import SlotState
+
+
+def fill(seq: seqlease.Sequence, n: int = 3) -> None:
+    """Decode ``n`` tokens into a leased sequence so that clearing it has something to do."""
+    backend = seq.context.backend
+    with backend.guard:
+        seq.check()
+        start = backend.native.seq_pos_max(seq.id) + 1
+        backend.native.decode([(100 + i, start + i, seq.id, False) for i in range(n)])
+
+
+def native_pos_max(ctx: seqlease.Context, seq_id: int) -> int:
+    """Ask llama.cpp (not seqlease's bookkeeping) for a sequence's highest position."""
+    with ctx.backend.guard:
+        return ctx.backend.native.seq_pos_max(seq_id)
+
+
+def free_slots_are_empty(ctx: seqlease.Context) -> list[int]:
+    """Ids of free slots whose native memory still holds tokens (should be none)."""
+    return [
+        s.seq_id
+        for s in ctx._pool.slots()
+        if s.state is SlotState.FREE and native_pos_max(ctx, s.seq_id) != -1
+    ]
+
+
+def settle(ctx: seqlease.Context, timeout: float = 5.0) -> seqlease.PoolStats:
+    """Stats once no slot is between release and free (reclaims run on a janitor thread)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = ctx.stats()
+        if stats.quarantined == 0 or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.001)
+
+
+def wait_for(predicate, timeout: float = 5.0) -> None:
+    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.0005)
