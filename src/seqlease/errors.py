@@ -18,6 +18,7 @@ __all__ = [
     "NativeError",
     "PoolExhausted",
     "SeqleaseError",
+    "SequenceBusyError",
     "SequenceReleasedError",
     "TooManyWaiters",
 ]
@@ -37,6 +38,10 @@ class TooManyWaiters(SeqleaseError):
 
 class SequenceReleasedError(SeqleaseError):
     """A released (or stale) :class:`~seqlease.Sequence` handle was used."""
+
+
+class SequenceBusyError(SeqleaseError):
+    """A generation was started on a sequence that is still generating."""
 
 
 class MissingSequenceError(SeqleaseError, TypeError):

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from seqlease.engine.job import Event, Job
+from seqlease.engine.params import SamplingParams, sanitize
+from seqlease.engine.stream import AsyncGeneration, Generation
 from seqlease.errors import SequenceReleasedError
 
 if TYPE_CHECKING:
@@ -76,6 +80,96 @@ class Sequence:
                 f"sequence {self._slot.seq_id} (lease #{self._generation}) was released; "
                 "lease a new one with `with ctx.lease() as seq:`"
             )
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        *,
+        max_tokens: int | float | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        min_p: float | None = None,
+        repeat_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | list[str] | tuple[str, ...] | None = None,
+        abort: threading.Event | None = None,
+    ) -> Generation:
+        """Evaluate ``prompt`` on this sequence and stream the reply as text chunks.
+
+        ``prompt`` is everything the sequence should hold before the reply (text, or token
+        ids). Tokens the sequence already holds as a common prefix are kept, not evaluated
+        again, so re-sending a growing conversation costs only its new part. Concurrent
+        generations on different sequences share each decode step.
+
+        Defaults: temperature 0.6 (0 = greedy), top_p 0.9, top_k 40, min_p 0, repeat_penalty
+        1 (off), max_tokens 256, no stop strings. Non-finite numbers fall back to these.
+
+        Raises:
+            SequenceReleasedError: the handle was released.
+            ContextOverflowError: the prompt does not fit in the sequence's ``n_ctx``.
+            ValueError: a sampling argument is out of range.
+
+        """
+        params = sanitize(
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            max_tokens=max_tokens,
+            seed=seed,
+            stop=stop,
+        )
+        tokens = self._tokens(prompt)
+        return Generation(lambda emit: self._start(tokens, params, abort, emit))
+
+    def agenerate(
+        self,
+        prompt: str | list[int],
+        *,
+        max_tokens: int | float | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        min_p: float | None = None,
+        repeat_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | list[str] | tuple[str, ...] | None = None,
+        abort: threading.Event | None = None,
+    ) -> AsyncGeneration:
+        """Async :meth:`generate`: ``async for chunk in seq.agenerate(...)``.
+
+        Cancelling the task that iterates stops this sequence's generation within one step.
+        """
+        params = sanitize(
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            max_tokens=max_tokens,
+            seed=seed,
+            stop=stop,
+        )
+        tokens = self._tokens(prompt)
+        return AsyncGeneration(lambda emit: self._start(tokens, params, abort, emit))
+
+    def _tokens(self, prompt: str | list[int]) -> list[int]:
+        self.check()
+        if isinstance(prompt, str):
+            return self._context.backend.model.tokenize(prompt)
+        return list(prompt)
+
+    def _start(
+        self,
+        tokens: list[int],
+        params: SamplingParams,
+        abort: threading.Event | None,
+        emit: Callable[[Event], None],
+    ) -> Job:
+        self.check()
+        return self._context.backend.generate(self._slot.seq_id, tokens, params, abort, emit)
 
     def add_closer(self, close: Callable[[], None]) -> None:
         """Run ``close`` when the lease ends, before the memory is cleared (newest first)."""

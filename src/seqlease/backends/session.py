@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from types import ModuleType
 
-from seqlease.errors import BackendUnavailableError
+from seqlease.engine.engine import Engine
+from seqlease.engine.job import Event, Job
+from seqlease.engine.params import SamplingParams
+from seqlease.errors import BackendUnavailableError, ContextOverflowError
 from seqlease.native.context import NativeContext
 from seqlease.native.memory import resolve_memory_api
 from seqlease.native.model import NativeModel
@@ -52,13 +56,41 @@ class SessionBackend:
         except BaseException:
             self.model.close()
             raise
+        self._lib = lib
         self._closed = False
+        self.engine = Engine(lib, self.native, self.guard)
+
+    def generate(
+        self,
+        seq_id: int,
+        prompt: list[int],
+        params: SamplingParams,
+        abort: threading.Event | None,
+        emit: Callable[[Event], None],
+    ) -> Job:
+        """Submit one generation on ``seq_id`` (already validated); events go to ``emit``."""
+        n_ctx = self.native.n_ctx_seq
+        if not prompt:
+            raise ValueError("a prompt must have at least one token")
+        if len(prompt) >= n_ctx:
+            raise ContextOverflowError(
+                f"the prompt has {len(prompt)} tokens but a sequence holds n_ctx={n_ctx} "
+                "tokens, and at least one must be left for the reply: shorten the prompt or "
+                "create the Context with a larger n_ctx"
+            )
+        for token in prompt:
+            self.model.check_token(token)
+        job = Job(seq_id, prompt, params, emit, abort)
+        self.engine.submit(job)
+        return job
 
     def clear_sequence(self, seq_id: int) -> None:
-        """Remove every token of one sequence from the KV memory."""
+        """Stop the sequence's generation, then remove every token from its KV memory."""
+        self.engine.cancel_sequence(seq_id)
         with self.guard:
             if not self._closed:
                 self.native.seq_rm(seq_id)
+                self.engine.tokens[seq_id].clear()
 
     def n_tokens(self, seq_id: int) -> int:
         """Tokens a sequence holds, as llama.cpp reports it (highest position + 1)."""
@@ -66,7 +98,19 @@ class SessionBackend:
             return self.native.seq_pos_max(seq_id) + 1
 
     def close(self) -> None:
-        """Free the context, then the model; idempotent, never under a running call."""
+        """Stop the engine, then free the context and the model; idempotent.
+
+        Never frees under a running step: the engine thread is joined first, or, when this
+        runs on that very thread (a finalizer during garbage collection), it frees on exit.
+        """
+        self.engine.stop()
+        if threading.current_thread() is self.engine.thread:
+            self.engine.on_exit = self._free
+        else:
+            self.engine.thread.join()
+            self._free()
+
+    def _free(self) -> None:
         with self.guard:
             if self._closed:
                 return

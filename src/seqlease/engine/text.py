@@ -1,0 +1,70 @@
+"""Turning token bytes into text: UTF-8 split across tokens, and stop strings held back."""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Sequence
+
+__all__ = ["TextAssembler", "trim_at_stop"]
+
+
+def trim_at_stop(text: str, stop: Sequence[str]) -> str:
+    """Cut ``text`` at the earliest occurrence of any stop marker (the marker is dropped)."""
+    cut = len(text)
+    for marker in stop:
+        if marker:
+            at = text.find(marker)
+            if at != -1:
+                cut = min(cut, at)
+    return text[:cut]
+
+
+class TextAssembler:
+    """Incremental text of one generation.
+
+    Bytes of a multi-byte character may arrive in different tokens: an incremental decoder
+    keeps the partial character until it is complete. Text that could be the beginning of a
+    stop string is held back until it either completes the marker (generation stops, the marker
+    is never emitted) or stops matching (it is emitted).
+    """
+
+    def __init__(self, stop: Sequence[str]) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stop = tuple(stop)
+        self._pending = ""
+        #: Whether a stop string was found.
+        self.stopped = False
+
+    def feed(self, piece: bytes) -> str:
+        """Add one token's bytes; return the text that is now safe to show."""
+        self._pending += self._decoder.decode(piece)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """End of generation: return whatever is still held back (minus a stop marker)."""
+        self._pending += self._decoder.decode(b"", final=True)
+        return self._release(final=True)
+
+    def _release(self, *, final: bool) -> str:
+        pending = self._pending
+        if self.stopped:
+            self._pending = ""
+            return ""
+        trimmed = trim_at_stop(pending, self._stop)
+        if len(trimmed) < len(pending):
+            self.stopped = True
+            self._pending = ""
+            return trimmed
+        keep = 0 if final else self._partial_marker_len(pending)
+        self._pending = pending[len(pending) - keep :]
+        return pending[: len(pending) - keep]
+
+    def _partial_marker_len(self, text: str) -> int:
+        """Length of the longest end of ``text`` that begins some stop marker."""
+        longest = 0
+        for marker in self._stop:
+            for size in range(min(len(marker) - 1, len(text)), longest, -1):
+                if text.endswith(marker[:size]):
+                    longest = size
+                    break
+        return longest
