@@ -6,6 +6,10 @@ import logging
 
 from seqlease.context import Context
 from seqlease.detection import Capabilities, detect
+from seqlease.engine.job import Result
+from seqlease.engine.params import SamplingParams
+from seqlease.engine.stream import AsyncGeneration, Generation
+from seqlease.engine.text import trim_at_stop
 from seqlease.errors import (
     BackendUnavailableError,
     ContextClosedError,
@@ -19,6 +23,7 @@ from seqlease.errors import (
     NativeError,
     PoolExhausted,
     SeqleaseError,
+    SequenceBusyError,
     SequenceReleasedError,
     TooManyWaiters,
 )
@@ -29,6 +34,7 @@ from seqlease.sequence import Sequence
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncGeneration",
     "BackendUnavailableError",
     "Capabilities",
     "Context",
@@ -36,6 +42,7 @@ __all__ = [
     "ContextOverflowError",
     "DecodeError",
     "EmptyPromptError",
+    "Generation",
     "Holder",
     "InvalidSequenceError",
     "LeaseLeakWarning",
@@ -44,13 +51,17 @@ __all__ = [
     "NativeError",
     "PoolExhausted",
     "PoolStats",
+    "Result",
+    "SamplingParams",
     "SeqleaseError",
     "Sequence",
+    "SequenceBusyError",
     "SequenceReleasedError",
     "TooManyWaiters",
     "__version__",
     "default_model_path",
     "detect",
+    "trim_at_stop",
 ]
 
 # A library never prints on its own: applications opt in by configuring logging.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 from collections.abc import AsyncIterator, Callable, Iterator
 from types import TracebackType
@@ -10,6 +11,7 @@ from types import TracebackType
 from typing_extensions import Self
 
 from seqlease.engine.job import Event, Job, Result
+from seqlease.errors import SeqleaseError
 
 __all__ = ["AsyncGeneration", "Generation"]
 
@@ -76,11 +78,15 @@ class Generation(Iterator[str]):
         return self._outcome.result
 
     def close(self) -> None:
-        """Cancel the generation and wait until the engine has stopped it."""
+        """Cancel the generation and wait until the engine has stopped it.
+
+        Its :meth:`result` stays available (``finish_reason == "cancelled"``).
+        """
         if not self._finished:
             self._job.cancel()
-            self._job.done.wait()
-            self._finished = True
+            with contextlib.suppress(SeqleaseError):
+                for _ in self:  # up to the engine's "done": the rest of the text is dropped
+                    pass
 
     def __enter__(self) -> Self:
         return self
@@ -146,8 +152,9 @@ class AsyncGeneration(AsyncIterator[str]):
         """Cancel the generation and wait (without blocking the loop) until it has stopped."""
         if not self._finished:
             self._job.cancel()
-            await asyncio.get_running_loop().run_in_executor(None, self._job.done.wait)
-            self._finished = True
+            with contextlib.suppress(SeqleaseError):
+                async for _ in self:
+                    pass
 
     def __del__(self) -> None:
         if (job := getattr(self, "_job", None)) is not None:
