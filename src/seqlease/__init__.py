@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from seqlease.chat.session import ChatSession
 from seqlease.context import Context
 from seqlease.detection import Capabilities, detect
 from seqlease.engine.job import Result
@@ -37,6 +38,7 @@ __all__ = [
     "AsyncGeneration",
     "BackendUnavailableError",
     "Capabilities",
+    "ChatSession",
     "Context",
     "ContextClosedError",
     "ContextOverflowError",

@@ -6,13 +6,14 @@ import logging
 import os
 import weakref
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 from typing_extensions import Self
 
 from seqlease.backends.session import SessionBackend
+from seqlease.chat.template import USER_TURN_MARKERS
 from seqlease.detection import Capabilities, detect
-from seqlease.errors import BackendUnavailableError
+from seqlease.errors import BackendUnavailableError, EmptyPromptError
 from seqlease.model_path import default_model_path
 from seqlease.native.library import load_library
 from seqlease.pool import PoolStats, SequencePool, Slot
@@ -163,6 +164,23 @@ class Context:
         ``async with ctx.alease() as seq: ...``.
         """
         return AsyncLease(self, timeout)
+
+    def complete(self, prompt: str, *, timeout: float | None = None, **sampling: Any) -> str:
+        """Stateless completion of ``prompt`` ("Option C": no session, no memory kept).
+
+        Takes a sequence for the call only (``timeout`` as in :meth:`lease`). Sampling as in
+        :meth:`Sequence.generate`; ``stop=None`` stops at user-turn markers (``USER:``).
+
+        Raises:
+            EmptyPromptError: ``prompt`` is empty or whitespace only.
+
+        """
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise EmptyPromptError(f"the prompt is empty: got {prompt!r}; send some text")
+        if sampling.get("stop") is None:
+            sampling["stop"] = USER_TURN_MARKERS
+        with self.lease(timeout) as seq:
+            return seq.generate(prompt, **sampling).result().text
 
     # -- lifecycle --------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import weakref
@@ -121,6 +122,16 @@ class Sequence:
             seed=seed,
             stop=stop,
         )
+        return self.generate_with(prompt, params, abort=abort)
+
+    def generate_with(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        *,
+        abort: threading.Event | None = None,
+    ) -> Generation:
+        """:meth:`generate` with ready-made :class:`SamplingParams`."""
         tokens = self._tokens(prompt)
         return Generation(lambda emit: self._start(tokens, params, abort, emit))
 
@@ -152,6 +163,16 @@ class Sequence:
             seed=seed,
             stop=stop,
         )
+        return self.agenerate_with(prompt, params, abort=abort)
+
+    def agenerate_with(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        *,
+        abort: threading.Event | None = None,
+    ) -> AsyncGeneration:
+        """:meth:`agenerate` with ready-made :class:`SamplingParams`."""
         tokens = self._tokens(prompt)
         return AsyncGeneration(lambda emit: self._start(tokens, params, abort, emit))
 
@@ -253,4 +274,6 @@ class AsyncLease:
         tb: TracebackType | None,
     ) -> None:
         if self._seq is not None:
-            self._seq.release()
+            # Releasing may wait for the engine to finish a step: do it off the event loop.
+            # If this task is cancelled meanwhile, the release still completes in the thread.
+            await asyncio.get_running_loop().run_in_executor(None, self._seq.release)

@@ -1,0 +1,1 @@
+"""Chat on a leased sequence: the model's chat template and the ephemeral ChatSession."""

@@ -1,0 +1,98 @@
+"""The model's chat template (GGUF ``tokenizer.chat_template``), rendered safely."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from seqlease.errors import SeqleaseError
+
+__all__ = ["FALLBACK_TEMPLATE", "USER_TURN_MARKERS", "ChatTemplate"]
+
+#: The seed note's stop markers: the start of a user turn, never the assistant's.
+USER_TURN_MARKERS = ("USER:", "\nUSER:", "\n\nUSER:")
+
+#: For models without a template: the plain "USER:/ASSISTANT:" format the seed note's app used.
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m.role == 'system' %}{{ m.content }}\n\n"
+    "{% elif m.role == 'user' %}USER: {{ m.content }}\n"
+    "{% else %}ASSISTANT: {{ m.content }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+# End-of-turn markers of common template families; those that occur in a template stop a reply.
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|endoftext|>")
+
+
+class _Vocab(Protocol):
+    bos: int
+    eos: int
+
+    def chat_template(self) -> str | None: ...
+
+    def token_to_piece(self, token: int, *, special: bool = False) -> bytes: ...
+
+
+def _raise(message: str) -> None:
+    raise TemplateError(message)
+
+
+class ChatTemplate:
+    """A Jinja chat template in a sandbox (templates ship inside downloaded model files)."""
+
+    def __init__(self, source: str | None, *, bos_token: str = "", eos_token: str = "") -> None:
+        """Compile ``source``; ``None`` selects :data:`FALLBACK_TEMPLATE`."""
+        #: Whether the model had no template of its own.
+        self.is_fallback = source is None
+        self.source = FALLBACK_TEMPLATE if source is None else source
+        self._bos = bos_token
+        self._eos = eos_token
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+        try:
+            self._template = env.from_string(self.source)
+        except TemplateError as exc:
+            raise SeqleaseError(f"the model's chat template does not compile: {exc}") from exc
+        markers = [m for m in _END_OF_TURN if m in self.source]
+        if eos_token and eos_token not in markers:
+            markers.append(eos_token)
+        #: Strings that end an assistant turn in this template.
+        self.end_of_turn: tuple[str, ...] = tuple(markers)
+
+    @classmethod
+    def from_model(cls, model: _Vocab) -> ChatTemplate:
+        """The template in the model's metadata, with its BOS/EOS texts; fallback if none."""
+
+        def text(token: int) -> str:
+            if token < 0:
+                return ""
+            return model.token_to_piece(token, special=True).decode("utf-8", "replace")
+
+        return cls(model.chat_template(), bos_token=text(model.bos), eos_token=text(model.eos))
+
+    def render(
+        self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True
+    ) -> str:
+        """The prompt text for ``messages``, ending where the assistant's reply begins."""
+        context: dict[str, Any] = {
+            "messages": [dict(m) for m in messages],
+            "add_generation_prompt": add_generation_prompt,
+            "bos_token": self._bos,
+            "eos_token": self._eos,
+        }
+        try:
+            return self._template.render(**context)
+        except TemplateError as exc:
+            raise SeqleaseError(f"the model's chat template failed: {exc}") from exc
+
+    @property
+    def bos_token(self) -> str:
+        """The BOS text the template may put at the start itself."""
+        return self._bos
