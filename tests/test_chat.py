@@ -1,0 +1,193 @@
+"""ChatSession and the seed note's scenario, on the real default model."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+
+import pytest
+
+import seqlease
+from helpers import free_slots_are_empty, settle
+from seqlease.chat.template import FALLBACK_TEMPLATE, USER_TURN_MARKERS, ChatTemplate
+
+BACKENDS = ["session"]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def ctx(request):
+    with seqlease.Context(sequences=2, n_ctx=512, n_threads=1, backend=request.param) as ctx:
+        yield ctx
+
+
+def _clean(ctx: seqlease.Context) -> seqlease.PoolStats:
+    stats = settle(ctx)
+    assert stats.leased == 0
+    assert stats.free == stats.size
+    assert stats.leaked == 0
+    assert free_slots_are_empty(ctx) == []
+    return stats
+
+
+@pytest.mark.parametrize("bad", [None, "ctx", 42, "released"])
+def test_session_refuses_to_exist_without_a_live_sequence(ctx, bad):
+    if bad == "ctx":
+        bad = ctx
+    elif bad == "released":
+        with ctx.lease() as seq:
+            pass
+        bad = seq
+    with pytest.raises(seqlease.MissingSequenceError, match=r"with ctx\.lease\(\) as seq"):
+        seqlease.ChatSession(bad)
+    assert isinstance(seqlease.MissingSequenceError("x"), TypeError)
+
+
+def test_prompt_and_history(ctx):
+    with ctx.lease() as seq:
+        chat = seqlease.ChatSession(seq, system_prompt="Answer in one short sentence.")
+        reply = chat.prompt("What colour is the sky?", temperature=0, max_tokens=24)
+        assert reply
+        assert chat.history == [
+            {"role": "system", "content": "Answer in one short sentence."},
+            {"role": "user", "content": "What colour is the sky?"},
+            {"role": "assistant", "content": reply.strip()},
+        ]
+        assert not any(m in reply for m in USER_TURN_MARKERS)
+
+
+def test_second_turn_evaluates_only_the_new_turn(ctx):
+    with ctx.lease() as seq:
+        chat = seqlease.ChatSession(seq)
+        chat.prompt("Name a fruit.", temperature=0, max_tokens=16)
+        first = chat.last_result
+        chat.prompt("And a vegetable?", temperature=0, max_tokens=16)
+        second = chat.last_result
+        assert first is not None
+        assert second is not None
+        assert first.n_evaluated == first.n_prompt
+        # Only the new user turn (and the re-rendered end of the last reply) is evaluated.
+        assert second.n_evaluated < second.n_prompt - first.n_prompt // 2
+        assert second.n_evaluated <= second.n_prompt - first.n_prompt + first.n_generated
+
+
+def test_stream_and_async_forms_agree(ctx):
+    with ctx.lease() as seq:
+        streamed = "".join(
+            seqlease.ChatSession(seq).stream("Say hello.", temperature=0, max_tokens=12)
+        )
+
+    async def main() -> tuple[str, str]:
+        async with ctx.alease() as seq:
+            a = await seqlease.ChatSession(seq).aprompt("Say hello.", temperature=0, max_tokens=12)
+        async with ctx.alease() as seq:
+            chat = seqlease.ChatSession(seq)
+            b = "".join([c async for c in chat.astream("Say hello.", temperature=0, max_tokens=12)])
+        return a, b
+
+    a, b = asyncio.run(main())
+    assert streamed == a == b
+
+
+def test_concurrent_prompts_on_one_session_take_turns(ctx):
+    with ctx.lease() as seq:
+        chat = seqlease.ChatSession(seq)
+        errors: list[BaseException] = []
+
+        def ask(q: str) -> None:
+            try:
+                chat.prompt(q, temperature=0, max_tokens=8)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=ask, args=(q,)) for q in ("One?", "Two?")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+        roles = [m["role"] for m in chat.history]
+        assert roles == ["user", "assistant", "user", "assistant"]
+
+
+def test_parameters_are_sanitized(ctx):
+    with ctx.lease() as seq:
+        chat = seqlease.ChatSession(seq)
+        # Non-finite values fall back to the defaults instead of reaching llama.cpp.
+        chat.prompt("Hi", temperature=math.nan, top_p=math.inf, max_tokens=4)
+        with pytest.raises(ValueError, match="max_tokens"):
+            chat.prompt("Hi", max_tokens=0)
+        for empty in ("", "   \n\t"):
+            with pytest.raises(seqlease.EmptyPromptError):
+                chat.prompt(empty)
+        with pytest.raises(TypeError):
+            chat.prompt("Hi", temprature=0.5)
+        assert len(chat.history) == 2
+
+
+def test_session_closes_before_the_sequence_is_released(ctx):
+    with ctx.lease() as seq:
+        chat = seqlease.ChatSession(seq)
+        chat.prompt("Hi", max_tokens=4)
+    assert chat.closed
+    with pytest.raises(seqlease.MissingSequenceError, match="released"):
+        chat.prompt("Again?")
+    _clean(ctx)
+
+
+def test_complete_is_stateless(ctx):
+    text = ctx.complete("USER: Say yes.\nASSISTANT:", temperature=0, max_tokens=8)
+    assert isinstance(text, str)
+    assert "USER:" not in text
+    with pytest.raises(seqlease.EmptyPromptError):
+        ctx.complete("  ")
+    _clean(ctx)
+
+
+def test_seed_scenario_sequential_then_bursts_of_two():
+    """The support note's app: a "Random" button, one ephemeral session per click."""
+    for size in (1, 2):
+        with seqlease.Context(sequences=size, n_ctx=512, n_threads=1) as ctx:
+
+            def click(timeout: float | None = None) -> str:
+                with ctx.lease(timeout=timeout) as seq:
+                    chat = seqlease.ChatSession(seq)
+                    return chat.prompt("Tell a two-line story.", max_tokens=12)
+
+            for _ in range(6):  # before the fix, the second click failed
+                assert click()
+            for _ in range(3):  # double clicks
+                results: list[object] = []
+
+                def double_click(out: list[object] = results) -> None:
+                    out.append(click(timeout=30))
+
+                threads = [threading.Thread(target=double_click) for _ in range(2)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(60)
+                assert len(results) == 2
+                assert all(isinstance(r, str) for r in results)
+            if size == 1:
+                # "Busy, try again": with the only sequence taken, timeout=0 fails at once.
+                with ctx.lease(), pytest.raises(seqlease.PoolExhausted, match="right now"):
+                    click(timeout=0)
+            stats = _clean(ctx)
+            assert stats.acquires == stats.releases >= 12
+
+
+def test_fallback_template_and_markers():
+    template = ChatTemplate(None)
+    assert template.is_fallback
+    assert template.source == FALLBACK_TEMPLATE
+    text = template.render([{"role": "user", "content": "Hi"}])
+    assert text == "USER: Hi\nASSISTANT:"
+    assert "ASSISTANT:" not in USER_TURN_MARKERS
+    assert seqlease.trim_at_stop("story\nUSER: more", USER_TURN_MARKERS) == "story"
+
+
+def test_template_is_sandboxed():
+    evil = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(seqlease.SeqleaseError, match="chat template"):
+        ChatTemplate(evil).render([])
