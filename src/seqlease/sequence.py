@@ -10,8 +10,10 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from typing_extensions import Unpack
+
 from seqlease.engine.job import Event, Job
-from seqlease.engine.params import SamplingParams, sanitize
+from seqlease.engine.params import SamplingKwargs, SamplingParams, sanitize
 from seqlease.engine.stream import AsyncGeneration, Generation
 from seqlease.errors import SequenceReleasedError
 
@@ -86,43 +88,29 @@ class Sequence:
         self,
         prompt: str | list[int],
         *,
-        max_tokens: int | float | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        min_p: float | None = None,
-        repeat_penalty: float | None = None,
-        seed: int | None = None,
-        stop: str | list[str] | tuple[str, ...] | None = None,
         abort: threading.Event | None = None,
+        **sampling: Unpack[SamplingKwargs],
     ) -> Generation:
         """Evaluate ``prompt`` on this sequence and stream the reply as text chunks.
 
         ``prompt`` is everything the sequence should hold before the reply (text, or token
         ids). Tokens the sequence already holds as a common prefix are kept, not evaluated
         again, so re-sending a growing conversation costs only its new part. Concurrent
-        generations on different sequences share each decode step.
+        generations on different sequences share each decode step. Setting ``abort`` stops
+        the generation within one step.
 
-        Defaults: temperature 0.6 (0 = greedy), top_p 0.9, top_k 40, min_p 0, repeat_penalty
-        1 (off), max_tokens 256, no stop strings. Non-finite numbers fall back to these.
+        Sampling: ``temperature=0.6`` (0 = greedy), ``top_p=0.9``, ``top_k=40``,
+        ``min_p=0``, ``repeat_penalty=1`` (off), ``max_tokens=256``, ``seed=None``,
+        ``stop=None`` (none). Non-finite numbers fall back to these defaults.
 
         Raises:
             SequenceReleasedError: the handle was released.
             ContextOverflowError: the prompt does not fit in the sequence's ``n_ctx``.
+            SequenceBusyError: this sequence is already generating.
             ValueError: a sampling argument is out of range.
 
         """
-        params = sanitize(
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            repeat_penalty=repeat_penalty,
-            max_tokens=max_tokens,
-            seed=seed,
-            stop=stop,
-        )
-        return self.generate_with(prompt, params, abort=abort)
+        return self.generate_with(prompt, sanitize(**sampling), abort=abort)
 
     def generate_with(
         self,
@@ -139,31 +127,14 @@ class Sequence:
         self,
         prompt: str | list[int],
         *,
-        max_tokens: int | float | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        min_p: float | None = None,
-        repeat_penalty: float | None = None,
-        seed: int | None = None,
-        stop: str | list[str] | tuple[str, ...] | None = None,
         abort: threading.Event | None = None,
+        **sampling: Unpack[SamplingKwargs],
     ) -> AsyncGeneration:
         """Async :meth:`generate`: ``async for chunk in seq.agenerate(...)``.
 
         Cancelling the task that iterates stops this sequence's generation within one step.
         """
-        params = sanitize(
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            repeat_penalty=repeat_penalty,
-            max_tokens=max_tokens,
-            seed=seed,
-            stop=stop,
-        )
-        return self.agenerate_with(prompt, params, abort=abort)
+        return self.agenerate_with(prompt, sanitize(**sampling), abort=abort)
 
     def agenerate_with(
         self,

@@ -5,8 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
-__all__ = ["DEFAULTS", "SamplingParams", "sanitize"]
+from typing_extensions import Unpack
+
+__all__ = ["DEFAULTS", "SamplingKwargs", "SamplingParams", "sanitize"]
 
 
 @dataclass(frozen=True)
@@ -37,22 +40,37 @@ def _finite(value: float | None, default: float, name: str) -> float:
     return float(value) if math.isfinite(value) else default
 
 
-def sanitize(
-    *,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    min_p: float | None = None,
-    repeat_penalty: float | None = None,
-    max_tokens: int | float | None = None,
-    seed: int | None = None,
-    stop: str | Sequence[str] | None = None,
-) -> SamplingParams:
+class SamplingKwargs(TypedDict, total=False):
+    """The sampling keyword arguments every generating call accepts (all optional)."""
+
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    min_p: float | None
+    repeat_penalty: float | None
+    max_tokens: int | float | None
+    seed: int | None
+    stop: str | Sequence[str] | None
+
+
+def sanitize(**kwargs: Unpack[SamplingKwargs]) -> SamplingParams:
     """Validate sampling arguments the way the seed note asks.
 
     Non-finite floats (and a non-finite ``max_tokens``) fall back to the defaults;
-    out-of-range values raise ``ValueError`` saying the allowed range.
+    out-of-range values raise ``ValueError`` saying the allowed range; unknown names raise
+    ``TypeError``.
     """
+    unknown = set(kwargs) - set(SamplingKwargs.__annotations__)
+    if unknown:
+        raise TypeError(f"unknown sampling arguments: {', '.join(sorted(unknown))}")
+    temperature = kwargs.get("temperature")
+    top_p = kwargs.get("top_p")
+    top_k = kwargs.get("top_k")
+    min_p = kwargs.get("min_p")
+    repeat_penalty = kwargs.get("repeat_penalty")
+    max_tokens = kwargs.get("max_tokens")
+    seed = kwargs.get("seed")
+    stop = kwargs.get("stop")
     d = DEFAULTS
     temp = _finite(temperature, d.temperature, "temperature")
     p = _finite(top_p, d.top_p, "top_p")

@@ -24,6 +24,7 @@ class _Outcome:
 
     def __init__(self) -> None:
         self.result: Result | None = None
+        self.finished = False
 
     def take(self, event: Event) -> str | None:
         """Text to yield, ``None`` at the end; raises the job's error."""
@@ -31,6 +32,7 @@ class _Outcome:
         if kind == "text":
             assert isinstance(value, str)
             return value
+        self.finished = True
         if kind == "done":
             assert isinstance(value, Result)
             self.result = value
@@ -49,24 +51,16 @@ class Generation(Iterator[str]):
     def __init__(self, start: Starter) -> None:
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._outcome = _Outcome()
-        self._finished = False
         self._job = start(self._events.put)
 
     def __next__(self) -> str:
-        while not self._finished:
+        while not self._outcome.finished:
             try:
                 event = self._events.get()
-            except BaseException:
+            except BaseException:  # KeyboardInterrupt while waiting: stop the reply too
                 self._job.cancel()
                 raise
-            try:
-                text = self._outcome.take(event)
-            except BaseException:
-                self._finished = True
-                raise
-            if text is None:
-                self._finished = True
-            else:
+            if (text := self._outcome.take(event)) is not None:
                 return text
         raise StopIteration
 
@@ -82,7 +76,7 @@ class Generation(Iterator[str]):
 
         Its :meth:`result` stays available (``finish_reason == "cancelled"``).
         """
-        if not self._finished:
+        if not self._outcome.finished:
             self._job.cancel()
             with contextlib.suppress(SeqleaseError):
                 for _ in self:  # up to the engine's "done": the rest of the text is dropped
@@ -112,7 +106,6 @@ class AsyncGeneration(AsyncIterator[str]):
         loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._outcome = _Outcome()
-        self._finished = False
 
         def emit(event: Event) -> None:  # runs on the engine thread
             try:
@@ -124,20 +117,13 @@ class AsyncGeneration(AsyncIterator[str]):
         self._job = job
 
     async def __anext__(self) -> str:
-        while not self._finished:
+        while not self._outcome.finished:
             try:
                 event = await self._events.get()
-            except BaseException:
+            except BaseException:  # the reading task was cancelled: stop the reply too
                 self._job.cancel()
                 raise
-            try:
-                text = self._outcome.take(event)
-            except BaseException:
-                self._finished = True
-                raise
-            if text is None:
-                self._finished = True
-            else:
+            if (text := self._outcome.take(event)) is not None:
                 return text
         raise StopAsyncIteration
 
@@ -150,7 +136,7 @@ class AsyncGeneration(AsyncIterator[str]):
 
     async def aclose(self) -> None:
         """Cancel the generation and wait (without blocking the loop) until it has stopped."""
-        if not self._finished:
+        if not self._outcome.finished:
             self._job.cancel()
             with contextlib.suppress(SeqleaseError):
                 async for _ in self:

@@ -1,0 +1,69 @@
+"""What every backend offers a :class:`~seqlease.Context`."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+from seqlease.engine.job import Event, Job
+from seqlease.engine.params import SamplingParams
+
+__all__ = ["Backend", "ModelInfo"]
+
+
+class ModelInfo(Protocol):
+    """The tokenizer and metadata side of a loaded model."""
+
+    bos: int
+    eos: int
+    n_vocab: int
+
+    def tokenize(
+        self, text: str, *, add_special: bool = True, parse_special: bool = True
+    ) -> list[int]:
+        """Token ids of ``text``."""
+        ...
+
+    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
+        """Bytes of one token."""
+        ...
+
+    def check_token(self, token: int) -> None:
+        """Raise ``ValueError`` for an id outside the vocabulary."""
+        ...
+
+    def chat_template(self) -> str | None:
+        """The GGUF ``tokenizer.chat_template``, if any."""
+        ...
+
+
+class Backend(Protocol):
+    """A way to run generations for leased sequences."""
+
+    #: "session" or "completion".
+    name: str
+    model: ModelInfo
+
+    def generate(
+        self,
+        seq_id: int,
+        prompt: list[int],
+        params: SamplingParams,
+        abort: threading.Event | None,
+        emit: Callable[[Event], None],
+    ) -> Job:
+        """Start one generation for ``seq_id``; its events go to ``emit``."""
+        ...
+
+    def clear_sequence(self, seq_id: int) -> None:
+        """Stop the sequence's generation and forget what it holds (on release)."""
+        ...
+
+    def n_tokens(self, seq_id: int) -> int:
+        """Tokens the sequence holds in memory."""
+        ...
+
+    def close(self) -> None:
+        """Free everything; idempotent."""
+        ...
