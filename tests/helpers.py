@@ -18,7 +18,12 @@ def fill(seq: seqlease.Sequence, n: int = 3) -> None:
 
 
 def native_pos_max(ctx: seqlease.Context, seq_id: int) -> int:
-    """Ask llama.cpp (not seqlease's bookkeeping) for a sequence's highest position."""
+    """Ask llama.cpp (not seqlease's bookkeeping) for a sequence's highest position.
+
+    The completion backend keeps nothing per sequence: its answer is its own count.
+    """
+    if ctx.backend.name != "session":
+        return ctx.backend.n_tokens(seq_id) - 1
     with ctx.backend.guard:
         return ctx.backend.native.seq_pos_max(seq_id)
 

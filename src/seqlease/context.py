@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from typing_extensions import Self
 
+from seqlease.backends.base import Backend
+from seqlease.backends.completion import CompletionBackend
 from seqlease.backends.session import SessionBackend
 from seqlease.chat.template import USER_TURN_MARKERS
 from seqlease.detection import Capabilities, detect
@@ -74,13 +76,17 @@ class Context:
         self.capabilities: Capabilities = detect()
         chosen = self._choose_backend(backend)
         self.model_path = os.fspath(model_path if model_path is not None else default_model_path())
-        self.backend = SessionBackend(
-            load_library(),
-            self.model_path,
-            sequences=sequences,
-            n_ctx=n_ctx,
-            n_batch=n_batch,
-            n_threads=n_threads or _default_threads(),
+        options = {
+            "sequences": sequences,
+            "n_ctx": n_ctx,
+            "n_batch": n_batch,
+            "n_threads": n_threads or _default_threads(),
+        }
+        #: What generations run on: the ``"session"`` or the ``"completion"`` backend.
+        self.backend: Backend = (
+            SessionBackend(load_library(), self.model_path, **options)
+            if chosen == "session"
+            else CompletionBackend(self.model_path, **options)
         )
         logger.info(
             "context ready: %s backend, %d sequences x %d tokens, model %s",
@@ -102,23 +108,23 @@ class Context:
         self._finalizer = weakref.finalize(self, self.backend.close)
 
     def _choose_backend(self, requested: str) -> str:
+        """Pick the backend by feature detection; a forced one must be supported."""
         caps = self.capabilities
         why = "; ".join(caps.reasons)
         if requested == "auto":
-            if caps.backend != "session":
+            if caps.backend is None:
                 raise BackendUnavailableError(
-                    "the session backend cannot run on this llama-cpp-python "
-                    f"{caps.binding_version}: {why}"
+                    f"no backend can run on llama-cpp-python {caps.binding_version}: {why}"
                 )
-            logger.info("backend auto-selected: session (%s)", why)
-            return "session"
-        if requested == "session" and not caps.session:
-            raise BackendUnavailableError(f"backend='session' is unavailable: {why}")
-        if requested == "completion":
+            logger.info("backend auto-selected: %s (%s)", caps.backend, why)
+            return caps.backend
+        supported = caps.session if requested == "session" else caps.completion
+        if not supported:
             raise BackendUnavailableError(
-                "backend='completion' is not available in this release of seqlease yet; "
-                "use backend='session' or 'auto'"
+                f"backend={requested!r} is unavailable on llama-cpp-python "
+                f"{caps.binding_version}: {why}"
             )
+        logger.info("backend %s forced by the caller (%s)", requested, why)
         return requested
 
     # -- leases -----------------------------------------------------------------------------

@@ -15,9 +15,20 @@ __all__ = ["Backend", "ModelInfo"]
 class ModelInfo(Protocol):
     """The tokenizer and metadata side of a loaded model."""
 
-    bos: int
-    eos: int
-    n_vocab: int
+    @property
+    def bos(self) -> int:
+        """Beginning-of-sequence token id."""
+        ...
+
+    @property
+    def eos(self) -> int:
+        """End-of-sequence token id."""
+        ...
+
+    @property
+    def n_vocab(self) -> int:
+        """Vocabulary size."""
+        ...
 
     def tokenize(
         self, text: str, *, add_special: bool = True, parse_special: bool = True
@@ -43,7 +54,11 @@ class Backend(Protocol):
 
     #: "session" or "completion".
     name: str
-    model: ModelInfo
+
+    @property
+    def model(self) -> ModelInfo:
+        """The loaded model's tokenizer and metadata."""
+        ...
 
     def generate(
         self,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from seqlease.backends.base import ModelInfo
 from seqlease.errors import SeqleaseError
 
 __all__ = ["FALLBACK_TEMPLATE", "USER_TURN_MARKERS", "ChatTemplate"]
@@ -28,15 +29,6 @@ FALLBACK_TEMPLATE = (
 
 # End-of-turn markers of common template families; those that occur in a template stop a reply.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|endoftext|>")
-
-
-class _Vocab(Protocol):
-    bos: int
-    eos: int
-
-    def chat_template(self) -> str | None: ...
-
-    def token_to_piece(self, token: int, *, special: bool = False) -> bytes: ...
 
 
 def _raise(message: str) -> None:
@@ -67,7 +59,7 @@ class ChatTemplate:
         self.end_of_turn: tuple[str, ...] = tuple(markers)
 
     @classmethod
-    def from_model(cls, model: _Vocab) -> ChatTemplate:
+    def from_model(cls, model: ModelInfo) -> ChatTemplate:
         """The template in the model's metadata, with its BOS/EOS texts; fallback if none."""
 
         def text(token: int) -> str:
