@@ -298,7 +298,13 @@ class FakeLlama:
     """Stands in for ``llama_cpp.Llama``: only the attribute detection looks for."""
 
     def create_completion(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError
+        raise AssertionError("detection must only look, never call")
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("detection must only look, never call")
+
+    def set_seed(self, seed: int) -> None:
+        raise AssertionError("detection must only look, never call")
 
 
 def _params_class(fields: Iterable[str]) -> type[ctypes.Structure]:

@@ -85,11 +85,15 @@ def detect_from(lib: Any, llama_class: Any, version: str | None) -> Capabilities
         reasons.append("session backend available: multi-sequence memory ops, n_seq_max, batches")
     else:
         reasons.append("session backend unavailable: missing " + "; ".join(missing))
-    completion = llama_class is not None and hasattr(llama_class, "create_completion")
+    # The completion backend drives Llama.generate (what create_completion runs inside) so
+    # that it can count tokens and stop exactly; it reseeds per request with set_seed.
+    llama_needs = ("create_completion", "generate", "set_seed")
+    completion = llama_class is not None and all(hasattr(llama_class, n) for n in llama_needs)
     reasons.append(
-        "completion backend available: Llama.create_completion"
+        "completion backend available: llama_cpp.Llama.generate"
         if completion
-        else "completion backend unavailable: no llama_cpp.Llama.create_completion"
+        else "completion backend unavailable: llama_cpp.Llama lacks one of "
+        + ", ".join(llama_needs)
     )
     backend: BackendName | None = "session" if session else "completion" if completion else None
     reasons.append(

@@ -282,8 +282,9 @@ class SequencePool:
         """Refuse new leases, fail every waiter, and wait for leases held by other threads.
 
         Returns ``True`` when no lease is out any more; otherwise ``on_idle_after_close`` runs
-        when the last one comes back. Leases held by the calling thread are not waited for:
-        that would wait for ourselves.
+        when the last one comes back (it may also run, once, if a lease came back during the
+        wait: the resource it frees must tolerate a second free). Leases held by the calling
+        thread are not waited for: that would wait for ourselves.
         """
         _check_timeout(timeout)
         self._drain_reclaims()
@@ -304,7 +305,10 @@ class SequencePool:
                 if remaining is not None and remaining <= 0:
                     break
                 self._changed.wait(remaining)
-            return self._report_idle()
+            self._report_idle()
+            # Idle even if a releasing thread reported it first: the caller frees too
+            # (idempotently), so close() returns only once native memory is gone.
+            return not self._busy()
 
     def _report_idle(self) -> bool:
         """Under the lock, once closed: ``True`` exactly once, when the last lease is back."""

@@ -1,0 +1,514 @@
+"""The completion backend ("Option C"): the model through the high-level ``llama_cpp.Llama``.
+
+``Llama`` runs one sequence and has no lock of its own (two threads on one instance crash or
+hang), so this backend owns a single worker thread that runs every generation, strictly one
+after the other in arrival order. It keeps nothing per leased sequence: each generation gets
+its whole prompt, and ``Llama``'s own prefix reuse (the tokens it still holds from the previous
+call) is an optimisation, not state a sequence can observe.
+
+Tokens come from ``Llama.generate`` (the token generator that ``create_completion`` itself runs)
+rather than from ``create_completion``'s text chunks, whose streaming in llama-cpp-python 0.3.x
+cannot be counted per token, can overshoot ``max_tokens``, reports the same ``"stop"`` for an
+end-of-generation token and a stop string, and loses or withholds characters around invalid or
+split UTF-8. Text is assembled exactly as the session backend does it (:class:`TextAssembler`):
+same UTF-8 handling, same stop strings held back across chunks, same finish reasons.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import logging
+import os
+import random
+import re
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from seqlease.engine.job import Event, FinishReason, Job
+from seqlease.engine.params import SamplingParams
+from seqlease.errors import (
+    ContextClosedError,
+    ContextOverflowError,
+    DecodeError,
+    InvalidSequenceError,
+    ModelLoadError,
+    NativeError,
+    SeqleaseError,
+    SequenceBusyError,
+)
+from seqlease.model_path import check_model_file
+from seqlease.native.library import load_library
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+
+__all__ = ["CompletionBackend", "CompletionModel"]
+
+logger = logging.getLogger("seqlease.engine")
+
+# llama-cpp-python turns every failed llama_decode into a bare RuntimeError with this text.
+_DECODE_FAILED = re.compile(r"llama_decode returned (-?\d+)")
+
+
+class CompletionModel:
+    """Tokenizer and metadata of the model a ``Llama`` loaded; the completion backend's ``model``.
+
+    Offers what :class:`~seqlease.native.model.NativeModel` offers, over the ``llama_model``
+    that the ``Llama`` owns. Calls go to llama.cpp's vocabulary functions directly: the
+    ``Llama`` helpers for single tokens use a fixed 32-byte buffer and return padding or cut
+    long pieces. Tokenization is thread-safe in llama.cpp; the small lock here only keeps a
+    call from running into :meth:`close` (the backend frees the ``Llama`` right after it).
+    """
+
+    def __init__(self, lib: ModuleType, model_ptr: Any, path: Path) -> None:
+        """Wrap ``model_ptr`` (a ``llama_model *`` owned by someone else) loaded from ``path``."""
+        self._lib = lib
+        self._ptr: Any = model_ptr
+        self._vocab: Any = lib.llama_model_get_vocab(model_ptr)
+        self._lock = threading.Lock()
+        self.path = path
+        self.n_vocab: int = int(lib.llama_vocab_n_tokens(self._vocab))
+        self.n_ctx_train: int = int(lib.llama_model_n_ctx_train(model_ptr))
+        self.bos: int = int(lib.llama_vocab_bos(self._vocab))
+        self.eos: int = int(lib.llama_vocab_eos(self._vocab))
+
+    @property
+    def ptr(self) -> Any:
+        """The raw ``llama_model *``; raises once the backend is closed."""
+        if self._ptr is None:
+            raise ContextClosedError("the model has been freed: the context is closed")
+        return self._ptr
+
+    def _live_vocab(self) -> Any:
+        # Callers hold self._lock, so close() cannot free the model during the call.
+        if self._ptr is None:
+            raise ContextClosedError("the model has been freed: the context is closed")
+        return self._vocab
+
+    def tokenize(
+        self, text: str, *, add_special: bool = True, parse_special: bool = True
+    ) -> list[int]:
+        """Tokenize ``text`` (BOS added when the model wants it and ``add_special`` is true)."""
+        data = text.encode("utf-8")
+        with self._lock:
+            vocab = self._live_vocab()
+            capacity = len(data) + 8
+            buf = (ctypes.c_int32 * capacity)()
+            n = self._lib.llama_tokenize(
+                vocab, data, len(data), buf, capacity, add_special, parse_special
+            )
+            if n < 0:  # the buffer was too small: -n is the size needed
+                capacity = -n
+                buf = (ctypes.c_int32 * capacity)()
+                n = self._lib.llama_tokenize(
+                    vocab, data, len(data), buf, capacity, add_special, parse_special
+                )
+        return list(buf[:n])
+
+    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
+        """The raw bytes of one token; may be part of a multi-byte UTF-8 character."""
+        self.check_token(token)
+        with self._lock:
+            vocab = self._live_vocab()
+            buf = ctypes.create_string_buffer(64)
+            n = self._lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = self._lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
+        """Decode ``tokens`` to text, replacing invalid UTF-8."""
+        return b"".join(self.token_to_piece(t, special=special) for t in tokens).decode(
+            "utf-8", errors="replace"
+        )
+
+    def is_eog(self, token: int) -> bool:
+        """Whether ``token`` ends generation (EOS, EOT, ...)."""
+        with self._lock:
+            return bool(self._lib.llama_vocab_is_eog(self._live_vocab(), token))
+
+    def check_token(self, token: int) -> None:
+        """Raise a ``ValueError`` for a token id llama.cpp would reject or abort on."""
+        if not 0 <= token < self.n_vocab:
+            raise ValueError(f"token id {token} is outside the vocabulary [0, {self.n_vocab})")
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as a string, or ``None`` when the model has no such key."""
+        size = 256
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            with self._lock:
+                n = self._lib.llama_model_meta_val_str(self.ptr, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", errors="replace")
+            size = n + 1
+
+    def chat_template(self) -> str | None:
+        """The model's ``tokenizer.chat_template``, or ``None`` when it has none."""
+        return self.meta("tokenizer.chat_template")
+
+    def description(self) -> str:
+        """llama.cpp's one-line description (architecture, size, quantization)."""
+        buf = ctypes.create_string_buffer(256)
+        with self._lock:
+            self._lib.llama_model_desc(self.ptr, buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def close(self) -> None:
+        """Refuse further calls (the ``Llama`` that owns the weights frees them); idempotent."""
+        with self._lock:
+            self._ptr = None
+
+
+class CompletionBackend:
+    """Runs generations through one ``llama_cpp.Llama`` on one worker thread, FIFO.
+
+    Same interface as :class:`~seqlease.backends.session.SessionBackend`. Generations of
+    different leased sequences do not share decode steps here: they wait their turn. ``guard``
+    is held by the worker for the whole of each generation; hold it to touch ``llama``.
+    """
+
+    name = "completion"
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        sequences: int,
+        n_ctx: int,
+        n_batch: int,
+        n_threads: int,
+    ) -> None:
+        """Load the model into a ``Llama`` of ``n_ctx`` tokens and start the worker thread.
+
+        ``sequences`` is the size of the pool in front of this backend: any number of leases
+        share the one ``Llama``, so it only bounds the ids :meth:`generate` accepts.
+
+        Raises:
+            ModelLoadError: the file is missing, not GGUF, or llama.cpp cannot load it.
+
+        """
+        path = check_model_file(model_path)
+        # Before the Llama exists: llama.cpp's log then goes to logger "seqlease.llama", not
+        # to llama-cpp-python's handler that prints to stderr.
+        lib = load_library()
+        import llama_cpp
+
+        try:
+            # verbose=False: Llama prints its system info and metadata to stderr otherwise.
+            # It also silences file descriptors 1 and 2 of the whole process while it loads.
+            llama = llama_cpp.Llama(
+                model_path=os.fspath(path),
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_threads=n_threads,
+                n_threads_batch=n_threads,
+                n_gpu_layers=0,
+                seed=random.getrandbits(32),  # every generation sets its own seed anyway
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise ModelLoadError(
+                f"llama.cpp could not load {str(path)!r} through llama_cpp.Llama: the GGUF file "
+                "is damaged, too large for memory, or uses an architecture this "
+                f"llama-cpp-python build does not know (see logger 'seqlease.llama'): {exc}"
+            ) from exc
+        self._lib = lib
+        #: The ``llama_cpp.Llama``; not thread-safe: touch it only while holding ``guard``.
+        self.llama: Llama = llama
+        try:
+            self.model = CompletionModel(lib, llama.model, path)
+        except BaseException:
+            llama.close()
+            raise
+        #: Serializes every use of ``llama`` (held by the worker for a whole generation).
+        self.guard = threading.RLock()
+        self.sequences = sequences
+        #: Tokens a prompt plus its reply may use (``Llama`` may round its own context up).
+        self.n_ctx = n_ctx
+        # Partial KV removal fails on recurrent and hybrid models: Llama then evaluates the
+        # whole prompt again, and n_evaluated must say so.
+        self._partial_rm = not any(
+            bool(getattr(lib, name)(llama.model))
+            for name in ("llama_model_is_recurrent", "llama_model_is_hybrid")
+            if hasattr(lib, name)
+        )
+        self._cond = threading.Condition()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._by_seq: dict[int, Job] = {}  # queued or running, by sequence
+        self._running: Job | None = None
+        self._stopping = False
+        self._freed = False
+        self._on_exit: Callable[[], None] | None = None
+        #: Jobs the worker has taken from the queue and ended (any way), for tests and stats.
+        self.completed = 0
+        self.thread = threading.Thread(target=self._serve, name="seqlease-completion", daemon=True)
+        self.thread.start()
+
+    # -- caller side ------------------------------------------------------------------------
+
+    def generate(
+        self,
+        seq_id: int,
+        prompt: list[int],
+        params: SamplingParams,
+        abort: threading.Event | None,
+        emit: Callable[[Event], None],
+    ) -> Job:
+        """Queue one generation for ``seq_id``; events go to ``emit`` from the worker thread.
+
+        Raises at once, before anything runs: ``ValueError`` for an empty prompt or a token
+        outside the vocabulary, :class:`ContextOverflowError` when the prompt leaves no room
+        for a reply, :class:`SequenceBusyError` when ``seq_id`` is already generating, and
+        :class:`ContextClosedError` after :meth:`close`.
+        """
+        n_ctx = self.n_ctx
+        if not 0 <= seq_id < self.sequences:
+            raise InvalidSequenceError(
+                f"sequence id {seq_id} is outside [0, {self.sequences}): lease a sequence "
+                "from the context instead of making up an id"
+            )
+        if not prompt:
+            raise ValueError("a prompt must have at least one token")
+        if len(prompt) >= n_ctx:
+            raise ContextOverflowError(
+                f"the prompt has {len(prompt)} tokens but a sequence holds n_ctx={n_ctx} "
+                "tokens, and at least one must be left for the reply: shorten the prompt or "
+                "create the Context with a larger n_ctx"
+            )
+        for token in prompt:
+            self.model.check_token(token)
+        job = Job(seq_id, prompt, params, emit, abort)
+        with self._cond:
+            if self._stopping:
+                raise ContextClosedError("the context is closed")
+            if seq_id in self._by_seq:
+                raise SequenceBusyError(
+                    f"sequence {seq_id} is already generating: wait for that reply (or "
+                    "cancel it) before starting another on the same sequence"
+                )
+            self._by_seq[seq_id] = job
+            self._queue.append(job)
+            self._cond.notify_all()
+        return job
+
+    def clear_sequence(self, seq_id: int) -> None:
+        """Cancel the sequence's queued or running generation and wait until it has ended.
+
+        There is nothing else to clear: no tokens are kept per sequence.
+        """
+        with self._cond:
+            job = self._by_seq.get(seq_id)
+            if job is None:
+                return
+            job.cancel()
+            queued = job is not self._running
+            if queued:  # never started: end it here rather than wait behind other jobs
+                self._queue.remove(job)
+                del self._by_seq[seq_id]
+        if queued:
+            _end(job, "cancelled")
+        elif threading.current_thread() is not self.thread:
+            job.done.wait()
+
+    def n_tokens(self, seq_id: int) -> int:
+        """Always 0: the completion backend keeps no tokens per sequence.
+
+        Every generation sends its whole prompt; what ``Llama`` still holds from the last
+        generation (of whichever sequence) is a cache any sequence may reuse, not its memory.
+        """
+        return 0
+
+    def close(self) -> None:
+        """Cancel queued and running generations, stop the worker, free the ``Llama``.
+
+        Idempotent. When called on the worker thread itself (a finalizer during garbage
+        collection), the ``Llama`` is freed as the thread exits instead.
+        """
+        with self._cond:
+            self._stopping = True
+            queued = list(self._queue)
+            self._queue.clear()
+            for job in queued:
+                self._by_seq.pop(job.seq_id, None)
+            if self._running is not None:
+                self._running.cancel()
+            self._cond.notify_all()
+        for job in queued:
+            _end(job, "cancelled")
+        if threading.current_thread() is self.thread:
+            self._on_exit = self._free
+        else:
+            self.thread.join()
+            self._free()
+
+    def _free(self) -> None:
+        with self.guard:
+            if self._freed:
+                return
+            self._freed = True
+            self.model.close()
+            self.llama.close()
+
+    # -- worker thread ----------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._queue or self._stopping):
+                        self._cond.wait()
+                    if not self._queue:  # stopping (close() emptied the queue)
+                        break
+                    job = self._queue.popleft()
+                    self._running = job
+                try:
+                    self._run(job)
+                finally:
+                    with self._cond:
+                        self._running = None
+                        self.completed += 1
+                        self._cond.notify_all()
+        except BaseException:  # a bug in the loop itself: end every waiting job, never hang one
+            logger.exception("the completion worker stopped")
+            with self._cond:
+                self._stopping = True
+                orphans = list(self._queue)
+                self._queue.clear()
+                self._by_seq.clear()
+            for job in orphans:
+                _fail(job, NativeError("the completion worker stopped after an error"))
+        finally:
+            if self._on_exit is not None:
+                self._on_exit()
+
+    def _run(self, job: Job) -> None:
+        """Run one job to its end; never raises, always ends the job."""
+        reason: FinishReason = "cancelled"
+        error: SeqleaseError | None = None
+        try:
+            if not job.should_stop():
+                with self.guard:
+                    reason = self._generate(job)
+        except BaseException as exc:  # a native failure or a bug: fail this job, keep serving
+            logger.warning("completion for sequence %d failed: %r", job.seq_id, exc)
+            error = _map_error(exc, job.seq_id)
+            with self.guard, contextlib.suppress(Exception):
+                # The prefix bookkeeping may not match the KV cache after a failed decode:
+                # the next generation evaluates its whole prompt.
+                llama: Any = self.llama  # reset() is unannotated in llama-cpp-python
+                llama.reset()
+        # Forget the job before its consumer hears the end: a reply that starts the next
+        # generation on the same sequence at once must not find it busy.
+        with self._cond:
+            if self._by_seq.get(job.seq_id) is job:
+                del self._by_seq[job.seq_id]
+        if error is not None:
+            _fail(job, error)
+        else:
+            _end(job, reason)
+
+    def _generate(self, job: Job) -> FinishReason:
+        """Under the guard: stream one reply into ``job`` and return why it ended."""
+        llama, model, p = self.llama, self.model, job.params
+        prompt = job.prompt
+        # Both limits as the session backend has them: max_tokens, and prompt plus reply
+        # within n_ctx. Llama's own check would allow more: llama.cpp rounds the context up
+        # (128 -> 256), while Llama.input_ids holds only the n_ctx it was given.
+        limit = min(p.max_tokens, self.n_ctx - len(prompt))
+        job.n_evaluated = self._to_evaluate(prompt)
+        seed = random.getrandbits(32) if p.seed is None else p.seed & 0xFFFFFFFF
+        # What create_completion does before it calls generate(): the sampler chain that
+        # generate() builds reads both.
+        llama.set_seed(seed)
+        llama.last_n_tokens_size = p.repeat_last_n
+        tokens = llama.generate(
+            prompt,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            min_p=p.min_p,
+            temp=p.temperature,
+            repeat_penalty=p.repeat_penalty,
+            reset=True,  # keep the common prefix of what Llama holds, evaluate the rest
+        )
+        try:
+            for token in tokens:
+                job.n_generated += 1
+                if model.is_eog(token):
+                    return "eog"
+                job.say(job.text.feed(model.token_to_piece(token)))
+                if job.text.stopped:
+                    return "stop"
+                if job.n_generated >= limit:
+                    return "length"
+                if job.should_stop():
+                    return "cancelled"
+            return "length"  # generate() never ends on its own; kept for the type checker
+        finally:
+            # Stops Llama between tokens; its next call reuses whatever prefix still matches.
+            tokens.close()
+
+    def _to_evaluate(self, prompt: list[int]) -> int:
+        """Prompt tokens ``Llama.generate`` will evaluate, by the rule it applies (0.3.x).
+
+        It keeps the longest common prefix of the tokens it holds and the prompt, but always
+        evaluates at least the last prompt token to get fresh logits, unless it holds exactly
+        the prompt with its logits still current.
+        """
+        llama = self.llama
+        held = llama.input_ids[: llama.n_tokens].tolist()
+        if not held:
+            return len(prompt)
+        common = 0
+        for a, b in zip(held, prompt, strict=False):
+            if a != b:
+                break
+            common += 1
+        consumed = common == len(prompt)
+        if consumed and len(held) == len(prompt) and not getattr(llama, "_requires_eval", True):
+            return 0
+        keep = common - 1 if consumed else common
+        if keep <= 0 or not self._partial_rm:
+            return len(prompt)
+        return len(prompt) - keep
+
+
+def _map_error(exc: BaseException, seq_id: int) -> SeqleaseError:
+    """A seqlease error for what ``Llama`` raised, with the original as its cause."""
+    error: SeqleaseError
+    if isinstance(exc, SeqleaseError):
+        return exc
+    match = _DECODE_FAILED.search(str(exc)) if isinstance(exc, RuntimeError) else None
+    if match is not None:
+        error = DecodeError(f"sequence {seq_id}: {exc}", int(match.group(1)))
+    else:
+        error = NativeError(f"sequence {seq_id}: the completion backend failed: {exc!r}")
+    error.__cause__ = exc
+    return error
+
+
+def _end(job: Job, reason: FinishReason) -> None:
+    """``job.finish``, but ``done`` is set even when delivering the event fails."""
+    try:
+        job.finish(reason)
+    except Exception:
+        logger.exception("delivering the end of sequence %d's reply failed", job.seq_id)
+    finally:
+        job.done.set()
+
+
+def _fail(job: Job, error: BaseException) -> None:
+    try:
+        job.fail(error)
+    except Exception:
+        logger.exception("delivering sequence %d's error failed", job.seq_id)
+    finally:
+        job.done.set()
