@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import logging
 import os
 import random
 import re
 import threading
 from collections.abc import Callable
-from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from seqlease.engine.job import Event, FinishReason, Job
@@ -43,129 +40,17 @@ from seqlease.errors import (
 )
 from seqlease.model_path import check_model_file
 from seqlease.native.library import load_library
+from seqlease.native.model import NativeModel
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
 
-__all__ = ["CompletionBackend", "CompletionModel"]
+__all__ = ["CompletionBackend"]
 
 logger = logging.getLogger("seqlease.engine")
 
 # llama-cpp-python turns every failed llama_decode into a bare RuntimeError with this text.
 _DECODE_FAILED = re.compile(r"llama_decode returned (-?\d+)")
-
-
-class CompletionModel:
-    """Tokenizer and metadata of the model a ``Llama`` loaded; the completion backend's ``model``.
-
-    Offers what :class:`~seqlease.native.model.NativeModel` offers, over the ``llama_model``
-    that the ``Llama`` owns. Calls go to llama.cpp's vocabulary functions directly: the
-    ``Llama`` helpers for single tokens use a fixed 32-byte buffer and return padding or cut
-    long pieces. Tokenization is thread-safe in llama.cpp; the small lock here only keeps a
-    call from running into :meth:`close` (the backend frees the ``Llama`` right after it).
-    """
-
-    def __init__(self, lib: ModuleType, model_ptr: Any, path: Path) -> None:
-        """Wrap ``model_ptr`` (a ``llama_model *`` owned by someone else) loaded from ``path``."""
-        self._lib = lib
-        self._ptr: Any = model_ptr
-        self._vocab: Any = lib.llama_model_get_vocab(model_ptr)
-        self._lock = threading.Lock()
-        self.path = path
-        self.n_vocab: int = int(lib.llama_vocab_n_tokens(self._vocab))
-        self.n_ctx_train: int = int(lib.llama_model_n_ctx_train(model_ptr))
-        self.bos: int = int(lib.llama_vocab_bos(self._vocab))
-        self.eos: int = int(lib.llama_vocab_eos(self._vocab))
-
-    @property
-    def ptr(self) -> Any:
-        """The raw ``llama_model *``; raises once the backend is closed."""
-        if self._ptr is None:
-            raise ContextClosedError("the model has been freed: the context is closed")
-        return self._ptr
-
-    def _live_vocab(self) -> Any:
-        # Callers hold self._lock, so close() cannot free the model during the call.
-        if self._ptr is None:
-            raise ContextClosedError("the model has been freed: the context is closed")
-        return self._vocab
-
-    def tokenize(
-        self, text: str, *, add_special: bool = True, parse_special: bool = True
-    ) -> list[int]:
-        """Tokenize ``text`` (BOS added when the model wants it and ``add_special`` is true)."""
-        data = text.encode("utf-8")
-        with self._lock:
-            vocab = self._live_vocab()
-            capacity = len(data) + 8
-            buf = (ctypes.c_int32 * capacity)()
-            n = self._lib.llama_tokenize(
-                vocab, data, len(data), buf, capacity, add_special, parse_special
-            )
-            if n < 0:  # the buffer was too small: -n is the size needed
-                capacity = -n
-                buf = (ctypes.c_int32 * capacity)()
-                n = self._lib.llama_tokenize(
-                    vocab, data, len(data), buf, capacity, add_special, parse_special
-                )
-        return list(buf[:n])
-
-    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
-        """The raw bytes of one token; may be part of a multi-byte UTF-8 character."""
-        self.check_token(token)
-        with self._lock:
-            vocab = self._live_vocab()
-            buf = ctypes.create_string_buffer(64)
-            n = self._lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = self._lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
-        return buf.raw[:n]
-
-    def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
-        """Decode ``tokens`` to text, replacing invalid UTF-8."""
-        return b"".join(self.token_to_piece(t, special=special) for t in tokens).decode(
-            "utf-8", errors="replace"
-        )
-
-    def is_eog(self, token: int) -> bool:
-        """Whether ``token`` ends generation (EOS, EOT, ...)."""
-        with self._lock:
-            return bool(self._lib.llama_vocab_is_eog(self._live_vocab(), token))
-
-    def check_token(self, token: int) -> None:
-        """Raise a ``ValueError`` for a token id llama.cpp would reject or abort on."""
-        if not 0 <= token < self.n_vocab:
-            raise ValueError(f"token id {token} is outside the vocabulary [0, {self.n_vocab})")
-
-    def meta(self, key: str) -> str | None:
-        """A GGUF metadata value as a string, or ``None`` when the model has no such key."""
-        size = 256
-        while True:
-            buf = ctypes.create_string_buffer(size)
-            with self._lock:
-                n = self._lib.llama_model_meta_val_str(self.ptr, key.encode(), buf, size)
-            if n < 0:
-                return None
-            if n < size:
-                return buf.value.decode("utf-8", errors="replace")
-            size = n + 1
-
-    def chat_template(self) -> str | None:
-        """The model's ``tokenizer.chat_template``, or ``None`` when it has none."""
-        return self.meta("tokenizer.chat_template")
-
-    def description(self) -> str:
-        """llama.cpp's one-line description (architecture, size, quantization)."""
-        buf = ctypes.create_string_buffer(256)
-        with self._lock:
-            self._lib.llama_model_desc(self.ptr, buf, len(buf))
-        return buf.value.decode("utf-8", errors="replace")
-
-    def close(self) -> None:
-        """Refuse further calls (the ``Llama`` that owns the weights frees them); idempotent."""
-        with self._lock:
-            self._ptr = None
 
 
 class CompletionBackend:
@@ -225,7 +110,7 @@ class CompletionBackend:
         #: The ``llama_cpp.Llama``; not thread-safe: touch it only while holding ``guard``.
         self.llama: Llama = llama
         try:
-            self.model = CompletionModel(lib, llama.model, path)
+            self.model = NativeModel.borrow(lib, llama.model, path)
         except BaseException:
             llama.close()
             raise

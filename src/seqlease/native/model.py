@@ -5,17 +5,22 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from seqlease.errors import ModelLoadError, SeqleaseError
+from seqlease.errors import ContextClosedError, ModelLoadError
 from seqlease.model_path import check_model_file
 
 __all__ = ["NativeModel"]
 
 
 class NativeModel:
-    """Owns one ``llama_model``; tokenization is thread-safe in llama.cpp, so no lock is needed."""
+    """One ``llama_model``: loaded here (and freed by :meth:`close`) or borrowed.
+
+    Tokenization is thread-safe in llama.cpp; the small lock only keeps a call from running
+    into :meth:`close`, which frees (or, when borrowed, forgets) the model.
+    """
 
     def __init__(self, lib: ModuleType, path: str | os.PathLike[str]) -> None:
         """Load the model at ``path`` on the CPU.
@@ -24,59 +29,81 @@ class NativeModel:
             ModelLoadError: the file is missing, a directory, not GGUF, or llama.cpp rejects it.
 
         """
-        self._lib = lib
-        self.path = check_model_file(path)
+        checked = check_model_file(path)
         params = lib.llama_model_default_params()
         params.n_gpu_layers = 0
         load = getattr(lib, "llama_model_load_from_file", None) or lib.llama_load_model_from_file
-        ptr = load(os.fsencode(self.path), params)
+        ptr = load(os.fsencode(checked), params)
         if not ptr:
             raise ModelLoadError(
-                f"llama.cpp could not load {str(self.path)!r}: the GGUF file is damaged or uses "
+                f"llama.cpp could not load {str(checked)!r}: the GGUF file is damaged or uses "
                 "an architecture this llama-cpp-python build does not know (see the log on "
                 "logger 'seqlease.llama')"
             )
+        self._setup(lib, ptr, checked, owned=True)
+
+    @classmethod
+    def borrow(cls, lib: ModuleType, ptr: Any, path: Path) -> NativeModel:
+        """Wrap a ``llama_model *`` someone else owns (a ``Llama``'s); close never frees it."""
+        model = cls.__new__(cls)
+        model._setup(lib, ptr, path, owned=False)
+        return model
+
+    def _setup(self, lib: ModuleType, ptr: Any, path: Path, *, owned: bool) -> None:
+        self._lib = lib
+        self.path = path
+        self._owned = owned
         self._ptr: Any = ptr
         self._vocab: Any = lib.llama_model_get_vocab(ptr)
         self.n_vocab: int = int(lib.llama_vocab_n_tokens(self._vocab))
         self.n_ctx_train: int = int(lib.llama_model_n_ctx_train(ptr))
         self.bos: int = int(lib.llama_vocab_bos(self._vocab))
         self.eos: int = int(lib.llama_vocab_eos(self._vocab))
-        self._close_lock = threading.Lock()
+        self._lock = threading.Lock()
 
     @property
     def ptr(self) -> Any:
         """The raw ``llama_model *``; raises once the model is closed."""
         if self._ptr is None:
-            raise SeqleaseError("the model has been freed")
+            raise ContextClosedError("the model has been freed: the context is closed")
         return self._ptr
+
+    def _live_vocab(self) -> Any:
+        # Callers hold self._lock, so close() cannot free the model during the call.
+        if self._ptr is None:
+            raise ContextClosedError("the model has been freed: the context is closed")
+        return self._vocab
 
     def tokenize(
         self, text: str, *, add_special: bool = True, parse_special: bool = True
     ) -> list[int]:
         """Tokenize ``text`` (BOS added when the model wants it and ``add_special`` is true)."""
         data = text.encode("utf-8")
-        capacity = len(data) + 8
-        buf = (ctypes.c_int32 * capacity)()
-        n = self._lib.llama_tokenize(
-            self._vocab, data, len(data), buf, capacity, add_special, parse_special
-        )
-        if n < 0:  # the buffer was too small: -n is the size needed
-            capacity = -n
+        with self._lock:
+            vocab = self._live_vocab()
+            capacity = len(data) + 8
             buf = (ctypes.c_int32 * capacity)()
             n = self._lib.llama_tokenize(
-                self._vocab, data, len(data), buf, capacity, add_special, parse_special
+                vocab, data, len(data), buf, capacity, add_special, parse_special
             )
+            if n < 0:  # the buffer was too small: -n is the size needed
+                capacity = -n
+                buf = (ctypes.c_int32 * capacity)()
+                n = self._lib.llama_tokenize(
+                    vocab, data, len(data), buf, capacity, add_special, parse_special
+                )
         return list(buf[:n])
 
     def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
         """The raw bytes of one token; may be part of a multi-byte UTF-8 character."""
         self.check_token(token)
-        buf = ctypes.create_string_buffer(64)
-        n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        with self._lock:
+            vocab = self._live_vocab()
+            buf = ctypes.create_string_buffer(64)
+            n = self._lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = self._lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
 
     def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
@@ -87,7 +114,8 @@ class NativeModel:
 
     def is_eog(self, token: int) -> bool:
         """Whether ``token`` ends generation (EOS, EOT, ...)."""
-        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+        with self._lock:
+            return bool(self._lib.llama_vocab_is_eog(self._live_vocab(), token))
 
     def check_token(self, token: int) -> None:
         """Raise a ``ValueError`` for a token id llama.cpp would reject or abort on."""
@@ -99,7 +127,8 @@ class NativeModel:
         size = 256
         while True:
             buf = ctypes.create_string_buffer(size)
-            n = self._lib.llama_model_meta_val_str(self.ptr, key.encode(), buf, size)
+            with self._lock:
+                n = self._lib.llama_model_meta_val_str(self.ptr, key.encode(), buf, size)
             if n < 0:
                 return None
             if n < size:
@@ -113,13 +142,14 @@ class NativeModel:
     def description(self) -> str:
         """llama.cpp's one-line description (architecture, size, quantization)."""
         buf = ctypes.create_string_buffer(256)
-        self._lib.llama_model_desc(self.ptr, buf, len(buf))
+        with self._lock:
+            self._lib.llama_model_desc(self.ptr, buf, len(buf))
         return buf.value.decode("utf-8", errors="replace")
 
     def close(self) -> None:
-        """Free the weights; idempotent."""
-        with self._close_lock:
-            if self._ptr is not None:
+        """Free the weights (a borrowed model is only forgotten); idempotent."""
+        with self._lock:
+            if self._ptr is not None and self._owned:
                 free = getattr(self._lib, "llama_model_free", None) or self._lib.llama_free_model
                 free(self._ptr)
-                self._ptr = None
+            self._ptr = None
