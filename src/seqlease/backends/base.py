@@ -8,8 +8,9 @@ from typing import Protocol
 
 from seqlease.engine.job import Event, Job
 from seqlease.engine.params import SamplingParams
+from seqlease.errors import ContextOverflowError
 
-__all__ = ["Backend", "ModelInfo"]
+__all__ = ["Backend", "ModelInfo", "check_prompt"]
 
 
 class ModelInfo(Protocol):
@@ -82,3 +83,23 @@ class Backend(Protocol):
     def close(self) -> None:
         """Free everything; idempotent."""
         ...
+
+
+def check_prompt(prompt: list[int], n_ctx: int, model: ModelInfo) -> None:
+    """Reject, before any native call, a prompt no backend can run.
+
+    Raises:
+        ValueError: the prompt is empty or holds a token outside the vocabulary.
+        ContextOverflowError: it leaves no room for a reply in ``n_ctx`` tokens.
+
+    """
+    if not prompt:
+        raise ValueError("a prompt must have at least one token")
+    if len(prompt) >= n_ctx:
+        raise ContextOverflowError(
+            f"the prompt has {len(prompt)} tokens but a sequence holds n_ctx={n_ctx} "
+            "tokens, and at least one must be left for the reply: shorten the prompt or "
+            "create the Context with a larger n_ctx"
+        )
+    for token in prompt:
+        model.check_token(token)

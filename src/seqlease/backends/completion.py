@@ -26,11 +26,11 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from seqlease.backends.base import check_prompt
 from seqlease.engine.job import Event, FinishReason, Job
 from seqlease.engine.params import SamplingParams
 from seqlease.errors import (
     ContextClosedError,
-    ContextOverflowError,
     DecodeError,
     InvalidSequenceError,
     ModelLoadError,
@@ -155,22 +155,12 @@ class CompletionBackend:
         for a reply, :class:`SequenceBusyError` when ``seq_id`` is already generating, and
         :class:`ContextClosedError` after :meth:`close`.
         """
-        n_ctx = self.n_ctx
         if not 0 <= seq_id < self.sequences:
             raise InvalidSequenceError(
                 f"sequence id {seq_id} is outside [0, {self.sequences}): lease a sequence "
                 "from the context instead of making up an id"
             )
-        if not prompt:
-            raise ValueError("a prompt must have at least one token")
-        if len(prompt) >= n_ctx:
-            raise ContextOverflowError(
-                f"the prompt has {len(prompt)} tokens but a sequence holds n_ctx={n_ctx} "
-                "tokens, and at least one must be left for the reply: shorten the prompt or "
-                "create the Context with a larger n_ctx"
-            )
-        for token in prompt:
-            self.model.check_token(token)
+        check_prompt(prompt, self.n_ctx, self.model)
         job = Job(seq_id, prompt, params, emit, abort)
         with self._cond:
             if self._stopping:

@@ -7,10 +7,11 @@ import threading
 from collections.abc import Callable
 from types import ModuleType
 
+from seqlease.backends.base import check_prompt
 from seqlease.engine.engine import Engine
 from seqlease.engine.job import Event, Job
 from seqlease.engine.params import SamplingParams
-from seqlease.errors import BackendUnavailableError, ContextOverflowError
+from seqlease.errors import BackendUnavailableError
 from seqlease.native.context import NativeContext
 from seqlease.native.memory import resolve_memory_api
 from seqlease.native.model import NativeModel
@@ -69,17 +70,7 @@ class SessionBackend:
         emit: Callable[[Event], None],
     ) -> Job:
         """Submit one generation on ``seq_id`` (already validated); events go to ``emit``."""
-        n_ctx = self.native.n_ctx_seq
-        if not prompt:
-            raise ValueError("a prompt must have at least one token")
-        if len(prompt) >= n_ctx:
-            raise ContextOverflowError(
-                f"the prompt has {len(prompt)} tokens but a sequence holds n_ctx={n_ctx} "
-                "tokens, and at least one must be left for the reply: shorten the prompt or "
-                "create the Context with a larger n_ctx"
-            )
-        for token in prompt:
-            self.model.check_token(token)
+        check_prompt(prompt, self.native.n_ctx_seq, self.model)
         job = Job(seq_id, prompt, params, emit, abort)
         self.engine.submit(job)
         return job
