@@ -25,26 +25,6 @@ from helpers import fill, free_slots_are_empty, native_pos_max, settle, wait_for
 from seqlease.pool import SlotState
 from tiny_model import tiny_model_path
 
-_CONTEXTS: dict[int, seqlease.Context] = {}
-
-
-def _context(size: int) -> seqlease.Context:
-    # One context per pool size, reused across examples: a fresh one per example would spend
-    # the run creating contexts instead of exercising the pool.
-    if size not in _CONTEXTS:
-        _CONTEXTS[size] = seqlease.Context(
-            tiny_model_path(), n_threads=1, sequences=size, n_ctx=64, n_batch=32
-        )
-    return _CONTEXTS[size]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _close_contexts():
-    yield
-    for ctx in _CONTEXTS.values():
-        ctx.close()
-    _CONTEXTS.clear()
-
 
 class _Boom(Exception):
     pass
@@ -67,7 +47,11 @@ class PoolMachine(RuleBasedStateMachine):
 
     @initialize(size=st.integers(1, 4))
     def start(self, size: int) -> None:
-        self.ctx = _context(size)
+        # A fresh context per example: state carried between examples would make hypothesis'
+        # replays diverge from the runs they replay.
+        self.ctx = seqlease.Context(
+            tiny_model_path(), n_threads=1, sequences=size, n_ctx=64, n_batch=32
+        )
         self.size = size
         base = settle(self.ctx)
         assert base.leased == 0
@@ -82,6 +66,8 @@ class PoolMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         for seq in getattr(self, "handed_out", ()):
             seq.release()
+        if hasattr(self, "ctx"):
+            self.ctx.close()
 
     @property
     def free(self) -> int:
@@ -188,10 +174,15 @@ class PoolMachine(RuleBasedStateMachine):
     def forgotten_handle_is_reclaimed(self, cyclic: bool) -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            seq_id = _forget(self.ctx, cyclic)
-            # The youngest generation holds the fresh cycle; a full collection would find it
-            # too but costs ~50 ms with hypothesis' heap, and this rule runs thousands of times.
-            gc.collect(0)
+            # The youngest generation holds the fresh cycle as long as no automatic collection
+            # promotes it first: a full collection would find it anyway, but costs ~50 ms with
+            # hypothesis' heap, and this rule runs hundreds of times.
+            gc.disable()
+            try:
+                seq_id = _forget(self.ctx, cyclic)
+                gc.collect(0)
+            finally:
+                gc.enable()
         leaks = [w for w in caught if issubclass(w.category, seqlease.LeaseLeakWarning)]
         assert len(leaks) == 1
         assert "_forget" in str(leaks[0].message)
