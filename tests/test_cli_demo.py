@@ -29,9 +29,15 @@ def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[st
     )
 
 
-def test_demo_races_clicks_and_leaks_nothing():
+@pytest.mark.parametrize(
+    ("backend", "shown"),
+    [("auto", "session (auto-selected)"), ("completion", "completion (forced")],
+)
+def test_demo_races_clicks_and_leaks_nothing(backend, shown):
     proc = _run(
         "demo",
+        "--backend",
+        backend,
         "--clicks",
         "6",
         "--max-tokens",
@@ -50,7 +56,7 @@ def test_demo_races_clicks_and_leaks_nothing():
     assert "[click 2 · seq " in out and "[click 3 · seq " in out  # the double click's halves
     summary = out[out.index("\nsummary\n") :]
     assert "no-wait" in summary and "busy" in summary
-    assert "session (auto-selected)" in summary
+    assert shown in summary
     assert "llama-cpp-python " in summary
     assert "leased 0 · free 2" in summary and "leaked 0" in summary
     assert "no sequence leaked" in summary
