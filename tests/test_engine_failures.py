@@ -1,0 +1,91 @@
+"""Engine failure paths, with faults injected into seqlease's own native adapter.
+
+llama.cpp cannot be made to answer "no KV slot" or "invalid batch" on demand, so these tests
+wrap ``NativeContext.decode`` (seqlease's code, not the binding) to fail the way llama.cpp
+reports failures; every other call, and every successful decode, is the real llama.cpp.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import seqlease
+from seqlease.errors import DecodeError
+from tiny_model import tiny_model_path
+
+
+@pytest.fixture
+def ctx():
+    with seqlease.Context(tiny_model_path(), sequences=4, n_ctx=128, n_threads=1) as ctx:
+        yield ctx
+
+
+def _inject(ctx: seqlease.Context, fail) -> list[int]:
+    """Make ``fail(n_tokens)`` decide, per decode, whether to raise; returns the batch sizes."""
+    native = ctx.backend.native
+    real = native.decode
+    sizes: list[int] = []
+
+    def decode(entries):
+        sizes.append(len(entries))
+        error = fail(entries)
+        if error is not None:
+            raise error
+        real(entries)
+
+    native.decode = decode  # type: ignore[method-assign]
+    return sizes
+
+
+def test_no_kv_slot_retries_with_a_smaller_batch(ctx):
+    failed = threading.Event()
+
+    def fail(entries):
+        if len(entries) > 4 and not failed.is_set():
+            failed.set()
+            return DecodeError("llama_decode returned 1: no KV-cache slot", 1)
+        return None
+
+    sizes = _inject(ctx, fail)
+    with ctx.lease() as seq:
+        result = seq.generate("hello world the hello world", temperature=0, max_tokens=4).result()
+    assert failed.is_set()
+    assert result.finish_reason in ("length", "eog")
+    first = sizes[0]
+    assert sizes[1] <= first // 2  # retried with half the batch
+
+
+def test_a_failed_decode_reaches_only_its_callers_and_the_engine_lives_on(ctx):
+    poisoned: set[int] = set()
+
+    def fail(entries):
+        if any(seq_id in poisoned for _, _, seq_id, _ in entries):
+            return DecodeError("llama_decode returned -1: invalid batch", -1)
+        return None
+
+    _inject(ctx, fail)
+    with ctx.lease() as bad, ctx.lease() as good:
+        poisoned.add(bad.id)
+        with pytest.raises(DecodeError, match=f"sequence {bad.id}"):
+            bad.generate("hello world", max_tokens=4).result()
+        assert bad.n_tokens == len(ctx.backend.engine.tokens[bad.id]) == 0
+        poisoned.clear()
+        assert good.generate("hello", temperature=0, max_tokens=3).result().n_generated >= 1
+        assert bad.generate("hello", temperature=0, max_tokens=3).result().n_generated >= 1
+
+
+def test_a_dead_engine_fails_callers_instead_of_hanging(ctx):
+    def fail(entries):
+        return RuntimeError("simulated bug in the engine")
+
+    _inject(ctx, fail)
+    with ctx.lease() as seq:
+        with pytest.raises(seqlease.NativeError, match="engine stopped"):
+            seq.generate("hello", max_tokens=4).result()
+        with pytest.raises(seqlease.NativeError, match="engine stopped"):
+            seq.generate("hello", max_tokens=4)
+    stats = ctx.stats()
+    assert stats.leased == 0
+    assert stats.free == 4
