@@ -174,6 +174,10 @@ class Engine:
         if not self._active:
             return
         plan = plan_batch(self._active, self._cap, self._prefill_chunk)
+        # Rows in sequence-id order: with one KV stream per sequence, llama.cpp splits a batch
+        # into separate forward passes wherever the ids stop increasing (measured: 2 to 5
+        # passes per step in arrival order, one when sorted; 0.87x -> 0.95x of a raw loop).
+        plan.sort(key=lambda item: item[0].seq_id)
         entries: list[BatchEntry] = []
         rows: list[tuple[Job, int]] = []  # jobs that sample after this step, and their row
         for job, n in plan:
