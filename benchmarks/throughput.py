@@ -12,9 +12,9 @@ Three paths generate the same requests (same model, same prompt tokens, same sam
 * serial: the requests one after another through ``llama_cpp.Llama.create_completion``.
 
 Every repeat runs the paths interleaved, so noise from the rest of the machine lands on all of
-them alike; the table shows medians. Peak memory of 8 sequences (one Context against 8 ``Llama``
-objects) is measured in fresh subprocesses of this script. Writes ``docs/benchmarks.md`` and
-``docs/throughput.png`` unless ``--no-write``.
+them alike; the table shows each point's best run, with the median-run ratio beside it. Peak
+memory of 8 sequences (one Context against 8 ``Llama`` objects) is measured in fresh subprocesses
+of this script. Writes ``docs/benchmarks.md`` and ``docs/throughput.png`` unless ``--no-write``.
 """
 
 from __future__ import annotations
@@ -566,7 +566,8 @@ def interpretation(s: Sweep, probe: dict, memory: dict, args: argparse.Namespace
             "wherever the sequence ids, in row order, stop being consecutive and increasing. "
             "The raw loop sends ids 0..N-1 in order, one pass per step; seqlease 0.1.0 orders "
             "rows by arrival and rotates them every step, and its pool hands ids out first in, "
-            "first out, so a step ran as 2 to 5 passes (5.5 on average at 16 callers). Sorting "
+            "first out, so a step ran as several passes: 1.9 to 3.7 on average over a run at 8 "
+            "callers and 2.5 to 5.6 at 16, depending on the order the callers arrived in. Sorting "
             "each step's rows by sequence id brought it to 0.95x (8 callers) and 1.01x (16) of "
             "raw in a side experiment."
         )
