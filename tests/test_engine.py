@@ -227,7 +227,7 @@ def test_utf8_split_across_tokens_is_reassembled(ctx):
 def test_errors_reach_only_their_caller(ctx):
     results = _concurrent(ctx, PROMPTS[:3], temperature=0, max_tokens=8)
     with ctx.lease() as seq:
-        gen = seq.generate("Hello", max_tokens=50)
+        gen = seq.generate("Count slowly: one, two,", temperature=0, max_tokens=200)
         with pytest.raises(seqlease.SequenceBusyError, match="already generating"):
             seq.generate("Hello again")
         gen.close()
@@ -237,7 +237,8 @@ def test_errors_reach_only_their_caller(ctx):
 
 def test_release_while_generating_cancels_and_clears(ctx):
     seq = ctx.acquire()
-    gen = seq.generate("Tell me a long story", max_tokens=200)
+    # Greedy on a prompt known to run long: random sampling may hit EOG before the release.
+    gen = seq.generate("Count slowly: one, two,", temperature=0, max_tokens=200)
     next(gen)
     seq.release()
     assert gen.result().finish_reason == "cancelled"
