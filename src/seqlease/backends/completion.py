@@ -106,7 +106,6 @@ class CompletionBackend:
                 "is damaged, too large for memory, or uses an architecture this "
                 f"llama-cpp-python build does not know (see logger 'seqlease.llama'): {exc}"
             ) from exc
-        self._lib = lib
         #: The ``llama_cpp.Llama``; not thread-safe: touch it only while holding ``guard``.
         self.llama: Llama = llama
         try:
@@ -121,11 +120,7 @@ class CompletionBackend:
         self.n_ctx = n_ctx
         # Partial KV removal fails on recurrent and hybrid models: Llama then evaluates the
         # whole prompt again, and n_evaluated must say so.
-        self._partial_rm = not any(
-            bool(getattr(lib, name)(llama.model))
-            for name in ("llama_model_is_recurrent", "llama_model_is_hybrid")
-            if hasattr(lib, name)
-        )
+        self._partial_rm = not self.model.is_recurrent()
         self._cond = threading.Condition()
         self._queue: collections.deque[Job] = collections.deque()
         self._by_seq: dict[int, Job] = {}  # queued or running, by sequence

@@ -117,6 +117,16 @@ class NativeModel:
         with self._lock:
             return bool(self._lib.llama_vocab_is_eog(self._live_vocab(), token))
 
+    def is_recurrent(self) -> bool:
+        """Whether the model keeps recurrent state (partial KV removal fails on those)."""
+        checks = [
+            getattr(self._lib, name)
+            for name in ("llama_model_is_recurrent", "llama_model_is_hybrid")
+            if hasattr(self._lib, name)
+        ]
+        with self._lock:
+            return any(bool(check(self.ptr)) for check in checks)
+
     def check_token(self, token: int) -> None:
         """Raise a ``ValueError`` for a token id llama.cpp would reject or abort on."""
         if not 0 <= token < self.n_vocab:
