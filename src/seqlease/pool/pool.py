@@ -16,6 +16,7 @@ puts the slot on a ``SimpleQueue`` (safe there by design) for a janitor thread t
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import math
 import queue
@@ -56,7 +57,9 @@ class SequencePool:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a slot changed state
         self._slots = tuple(Slot(i) for i in range(size))
-        self._free: deque[Slot] = deque(self._slots)
+        # A heap: the lowest free id goes out first, so the ids in use stay together and the
+        # engine's sorted batch rows stay one forward pass in llama.cpp (ids 0..N-1).
+        self._free: list[Slot] = list(self._slots)
         self._waiters: deque[Waiter] = deque()
         self._closed = False
         self._idle_reported = False
@@ -114,7 +117,7 @@ class SequencePool:
             raise ContextClosedError("the context is closed: create a new Context to lease again")
         now = time.monotonic()
         if self._free:  # by the hand-off invariant, nobody is waiting
-            slot = self._free.popleft()
+            slot = heapq.heappop(self._free)
             self._lease(slot, origin, threading.current_thread(), now)
             return slot
         if timeout == 0:
@@ -155,7 +158,7 @@ class SequencePool:
             # Handed over but never used: its memory is still empty, so no clearing is needed.
             self._acquires -= 1
             slot.state = SlotState.FREE
-            self._free.appendleft(slot)
+            heapq.heappush(self._free, slot)
             self._dispatch()
 
     def _granted(self, slot: Slot, waited: float) -> tuple[Slot, int]:
@@ -189,7 +192,7 @@ class SequencePool:
                     waiter.slot = None
                     self._acquires -= 1
                     slot.state = SlotState.FREE
-                    self._free.appendleft(slot)
+                    heapq.heappush(self._free, slot)
 
     # -- release ----------------------------------------------------------------------------
 
@@ -225,7 +228,7 @@ class SequencePool:
             self._leaked += reclaimed
             if cleared:
                 slot.state = SlotState.FREE
-                self._free.append(slot)
+                heapq.heappush(self._free, slot)
                 self._dispatch()
             else:
                 slot.state = SlotState.QUARANTINED

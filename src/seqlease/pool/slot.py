@@ -36,5 +36,9 @@ class Slot:
         self.thread: threading.Thread | None = None
         self.leased_at = 0.0
 
+    def __lt__(self, other: Slot) -> bool:
+        # Free slots are kept in a heap: the lowest id is leased first.
+        return self.seq_id < other.seq_id
+
     def __repr__(self) -> str:
         return f"<Slot seq={self.seq_id} gen={self.generation} {self.state.value}>"

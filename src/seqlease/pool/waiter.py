@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import heapq
 import threading
 from collections import deque
 
@@ -68,13 +69,13 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-def assign(free: deque[Slot], waiters: deque[Waiter]) -> list[tuple[Waiter, Slot]]:
-    """Pair free slots with waiters, oldest waiter first; mutates both queues.
+def assign(free: list[Slot], waiters: deque[Waiter]) -> list[tuple[Waiter, Slot]]:
+    """Pair free slots (a heap, lowest id first) with waiters, oldest first; mutates both.
 
     The whole fairness policy of the pool: no free slot stays idle while someone waits, and
     nobody is served before a waiter that arrived earlier.
     """
     pairs = []
     while free and waiters:
-        pairs.append((waiters.popleft(), free.popleft()))
+        pairs.append((waiters.popleft(), heapq.heappop(free)))
     return pairs
