@@ -185,7 +185,7 @@ class CompletionBackend:
                 self._queue.remove(job)
                 del self._by_seq[seq_id]
         if queued:
-            _end(job, "cancelled")
+            job.finish("cancelled")
         elif threading.current_thread() is not self.thread:
             job.done.wait()
 
@@ -213,7 +213,7 @@ class CompletionBackend:
                 self._running.cancel()
             self._cond.notify_all()
         for job in queued:
-            _end(job, "cancelled")
+            job.finish("cancelled")
         if threading.current_thread() is self.thread:
             self._on_exit = self._free
         else:
@@ -255,7 +255,7 @@ class CompletionBackend:
                 self._queue.clear()
                 self._by_seq.clear()
             for job in orphans:
-                _fail(job, NativeError("the completion worker stopped after an error"))
+                job.fail(NativeError("the completion worker stopped after an error"))
         finally:
             if self._on_exit is not None:
                 self._on_exit()
@@ -282,9 +282,9 @@ class CompletionBackend:
             if self._by_seq.get(job.seq_id) is job:
                 del self._by_seq[job.seq_id]
         if error is not None:
-            _fail(job, error)
+            job.fail(error)
         else:
-            _end(job, reason)
+            job.finish(reason)
 
     def _generate(self, job: Job) -> FinishReason:
         """Under the guard: stream one reply into ``job`` and return why it ended."""
@@ -363,22 +363,3 @@ def _map_error(exc: BaseException, seq_id: int) -> SeqleaseError:
         error = NativeError(f"sequence {seq_id}: the completion backend failed: {exc!r}")
     error.__cause__ = exc
     return error
-
-
-def _end(job: Job, reason: FinishReason) -> None:
-    """``job.finish``, but ``done`` is set even when delivering the event fails."""
-    try:
-        job.finish(reason)
-    except Exception:
-        logger.exception("delivering the end of sequence %d's reply failed", job.seq_id)
-    finally:
-        job.done.set()
-
-
-def _fail(job: Job, error: BaseException) -> None:
-    try:
-        job.fail(error)
-    except Exception:
-        logger.exception("delivering sequence %d's error failed", job.seq_id)
-    finally:
-        job.done.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -13,6 +14,8 @@ from seqlease.engine.text import TextAssembler
 from seqlease.native.sampler import NativeSampler
 
 __all__ = ["Event", "FinishReason", "Job", "Result"]
+
+logger = logging.getLogger("seqlease.engine")
 
 FinishReason = Literal["eog", "stop", "length", "cancelled", "error"]
 
@@ -91,29 +94,40 @@ class Job:
             self.pieces.append(text)
             self.emit(("text", text))
 
-    def finish(self, reason: FinishReason) -> Result:
-        """Flush held-back text, close the sampler and report the result; engine thread only."""
-        if reason != "cancelled":
-            self.say(self.text.finish())
-        if self.sampler is not None:
-            self.sampler.close()
-            self.sampler = None
-        result = Result(
-            text="".join(self.pieces),
-            finish_reason=reason,
-            n_prompt=len(self.prompt),
-            n_evaluated=self.n_evaluated,
-            n_generated=self.n_generated,
-            seconds=time.monotonic() - self.started,
-        )
-        self.emit(("done", result))
-        self.done.set()
-        return result
+    def finish(self, reason: FinishReason) -> None:
+        """Flush held-back text, close the sampler and report the result; worker thread only.
+
+        ``done`` is set whatever happens: a release waits on it, and must never hang.
+        """
+        try:
+            if reason != "cancelled":
+                self.say(self.text.finish())
+            self._close_sampler()
+            result = Result(
+                text="".join(self.pieces),
+                finish_reason=reason,
+                n_prompt=len(self.prompt),
+                n_evaluated=self.n_evaluated,
+                n_generated=self.n_generated,
+                seconds=time.monotonic() - self.started,
+            )
+            self.emit(("done", result))
+        except Exception:
+            logger.exception("delivering the end of sequence %d's reply failed", self.seq_id)
+        finally:
+            self.done.set()
 
     def fail(self, error: BaseException) -> None:
-        """Report an error to this job's consumer only; engine thread only."""
+        """Report an error to this job's consumer only; ``done`` is set whatever happens."""
+        try:
+            self._close_sampler()
+            self.emit(("error", error))
+        except Exception:
+            logger.exception("delivering sequence %d's error failed", self.seq_id)
+        finally:
+            self.done.set()
+
+    def _close_sampler(self) -> None:
         if self.sampler is not None:
             self.sampler.close()
             self.sampler = None
-        self.emit(("error", error))
-        self.done.set()
