@@ -139,7 +139,8 @@ def test_abort_event_and_task_cancellation(ctx):
         async with ctx.alease() as seq:
 
             async def read() -> None:
-                async for _ in seq.agenerate("Tell me a story", max_tokens=200):
+                prompt = "Count slowly: one, two,"  # greedy: known to outlast the 50 ms
+                async for _ in seq.agenerate(prompt, temperature=0, max_tokens=200):
                     pass
 
             task = asyncio.create_task(read())
