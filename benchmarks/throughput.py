@@ -15,6 +15,10 @@ Every repeat runs the paths interleaved, so noise from the rest of the machine l
 them alike; the table shows each point's best run, with the median-run ratio beside it. Peak
 memory of 8 sequences (one Context against 8 ``Llama`` objects) is measured in fresh subprocesses
 of this script. Writes ``docs/benchmarks.md`` and ``docs/throughput.png`` unless ``--no-write``.
+
+Every path uses all cores with OpenMP's passive wait policy (``OMP_WAIT_POLICY=PASSIVE``, set
+here before llama.cpp loads unless the environment already sets it): with the default policy
+llama.cpp's threads spin at every barrier and collapse as soon as another process takes a core.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+
+# Must precede the first load of llama.cpp's OpenMP runtime, which reads it once.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import seqlease
 from seqlease.native.library import load_library
@@ -369,12 +376,14 @@ def measure_memory(kind: str, model: str, n_ctx: int, n_threads: int) -> dict[st
     return {"peak_rss_mb": peak_mb, "pss_mb": pss_mb}
 
 
-def run_child(args: argparse.Namespace, *extra: str, env: dict[str, str] | None = None) -> dict:
+def run_child(args: argparse.Namespace, *extra: str, wait_policy: str | None = None) -> dict:
+    """Run this script in a fresh process; ``wait_policy=None`` leaves OpenMP's default."""
     cmd = [sys.executable, __file__, "--model", args.model, "--n-ctx", str(args.n_ctx)]
     cmd += ["--threads", str(args.threads), *extra]
-    done = subprocess.run(
-        cmd, capture_output=True, text=True, check=True, env={**os.environ, **(env or {})}
-    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if wait_policy is not None:
+        env["OMP_WAIT_POLICY"] = wait_policy
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -499,6 +508,7 @@ def table_rows(s: Sweep, tokens: int) -> list[list[str]]:
     for c in s.concurrency:
         a, r, z = s.best(s.seqlease, c), s.best(s.raw, c), s.best(s.serial, c)
         med = s.median(s.seqlease, c) / s.median(s.raw, c)
+        med_serial = s.median(s.seqlease, c) / s.median(s.serial, c)
         short = [
             name
             for name, path in (("seqlease", s.seqlease), ("raw", s.raw), ("serial", s.serial))
@@ -513,6 +523,7 @@ def table_rows(s: Sweep, tokens: int) -> list[list[str]]:
                 f"{a.tok_s / r.tok_s:.2f}x",
                 f"{med:.2f}x",
                 f"{a.tok_s / z.tok_s:.2f}x",
+                f"{med_serial:.2f}x",
                 "all" if not short else "short: " + ", ".join(short),
             ]
         )
@@ -527,6 +538,7 @@ HEADER = [
     "seqlease / raw",
     "(median runs)",
     "seqlease / serial",
+    "(median runs)",
     "reached max_tokens",
 ]
 
@@ -550,9 +562,9 @@ def interpretation(s: Sweep, probe: dict, memory: dict, args: argparse.Namespace
     notes.append(
         f"llama.cpp itself gains {gain:.2f}x from decoding {hi} sequences per step instead of "
         f"{lo} on this machine (raw column), where llama-facts lists 2x (180 -> 360 tok/s from "
-        "1 to 16 sequences, conditions not recorded): here each extra row of a step costs "
-        "nearly as much as a step of its own. That gain is the ceiling for any library on top: "
-        "seqlease / serial can exceed it only by what Llama.create_completion loses per token."
+        "1 to 16 sequences, conditions not recorded). That gain is the ceiling for any library "
+        "on top: seqlease / serial can exceed it only by what Llama.create_completion loses "
+        "per token."
     )
     vs_raw = ratio(s, "raw", 8)
     if vs_raw is not None and vs_raw < 0.9:
@@ -603,17 +615,15 @@ def interpretation(s: Sweep, probe: dict, memory: dict, args: argparse.Namespace
     )
     default, passive = probe["default"], probe["passive"]
     notes.append(
-        f"Threads: {args.threads} for every path. With one core taken by another process, 2 "
-        f"llama.cpp threads decoded {default.get('2:busy', 0.0):.1f} tok/s against "
-        f"{default.get('1:busy', 0.0):.1f} for 1 thread: llama.cpp's threads spin at every "
-        "barrier of the forward pass, waiting for the one that lost its core (earlier runs saw "
-        "single steps stall for 2 to 3 seconds). Without a neighbour 2 threads are faster "
-        f"({default.get('2:as is', 0.0):.1f} against {default.get('1:as is', 0.0):.1f} tok/s), "
-        "but a busy neighbour is this shared machine's normal state, so 1 thread is the "
-        "setting that measures the libraries rather than the neighbours, at the price of "
-        "lower absolute numbers. `OMP_WAIT_POLICY=PASSIVE` (set "
-        f"before llama_cpp is imported) avoids the collapse: {passive.get('2:busy', 0.0):.1f} "
-        "tok/s with 2 threads and a busy core."
+        f"Threads: {args.threads} for every path, OpenMP wait policy "
+        f"{os.environ['OMP_WAIT_POLICY']}. With OpenMP's default policy llama.cpp's threads "
+        "spin at every barrier of the forward pass, so when another process takes one of the "
+        f"two cores, 2 threads decode {default.get('2:busy', 0.0):.1f} tok/s against "
+        f"{default.get('2:as is', 0.0):.1f} on a quiet machine (earlier runs saw single steps "
+        "stall for 2 to 3 seconds). `OMP_WAIT_POLICY=PASSIVE`, set before llama.cpp loads, "
+        f"keeps 2 threads at {passive.get('2:busy', 0.0):.1f} tok/s with a busy core and "
+        f"{passive.get('2:as is', 0.0):.1f} without one: set it in applications too "
+        "(docs: troubleshooting)."
     )
     loads = s.other_load
     notes.append(
@@ -699,6 +709,7 @@ section; it rewrites this file and `throughput.png`).
 - llama-cpp-python {m["llama-cpp-python"]}, seqlease {m["seqlease"]}.
 - Model: `{model.name}` ({model.stat().st_size / 1e6:.0f} MB).
 - Every path: `n_ctx={args.n_ctx}` per sequence, `n_batch={N_BATCH}`, `n_threads={args.threads}`,
+  `OMP_WAIT_POLICY={os.environ["OMP_WAIT_POLICY"]}`,
   top-k {TOP_K}, temperature {TEMPERATURE}, top-p 1, min-p 0, no repeat penalty, seed = request
   index; `max_tokens={args.tokens}`; prompts are {len(lengths)} chat-formatted requests for a long
   story, {lengths[0]} to {lengths[-1]} tokens, passed to every path as the same token ids.
@@ -749,7 +760,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per point")
     parser.add_argument(
-        "--threads", type=int, default=1, help="llama.cpp threads for every path (default 1)"
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="llama.cpp threads for every path (default: all cores)",
     )
     parser.add_argument("--n-ctx", type=int, default=512, help="context per sequence")
     parser.add_argument("--quick", action="store_true", help="shorter run (about 2 minutes)")
@@ -775,19 +789,27 @@ def main() -> None:
     args.concurrency = sorted(set(args.concurrency))
     command = " ".join(["python", "benchmarks/throughput.py", *sys.argv[1:]])
     started = time.perf_counter()
-    print(f"model {args.model}\nthreads {args.threads}, n_ctx {args.n_ctx}, {args.tokens} tokens")
+    print(
+        f"model {args.model}\nthreads {args.threads} "
+        f"(OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), "
+        f"n_ctx {args.n_ctx}, {args.tokens} tokens"
+    )
 
     # Memory first: Linux carries a process's peak RSS over into the program it execs, so a
     # child started after this process has loaded three models would report our peak, not its.
     print("memory ...", flush=True)
-    memory = {kind: run_child(args, "--_memory", kind) for kind in ("python", "seqlease", "llama")}
+    policy = os.environ["OMP_WAIT_POLICY"]
+    memory = {
+        kind: run_child(args, "--_memory", kind, wait_policy=policy)
+        for kind in ("python", "seqlease", "llama")
+    }
     print(f"  {memory}")
 
     print("thread probe ...", flush=True)
     steps = "6" if args.quick else "12"
     probe = {
         "default": run_child(args, "--_probe", steps),
-        "passive": run_child(args, "--_probe", steps, env={"OMP_WAIT_POLICY": "PASSIVE"}),
+        "passive": run_child(args, "--_probe", steps, wait_policy="PASSIVE"),
     }
     print(f"  {probe}")
 
