@@ -222,6 +222,27 @@ def test_doctor_in_process(capsys: pytest.CaptureFixture[str]) -> None:
     assert re.search(r"^status +ready$", out, re.M)
     for reason in detect().reasons:
         assert reason in out
+    assert re.search(r"^threads +\d+ by default", out, re.M)
+
+
+@pytest.mark.parametrize(("policy", "hint"), [(None, True), ("active", True), ("passive", False)])
+def test_doctor_shows_the_openmp_wait_policy(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    policy: str | None,
+    hint: bool,
+) -> None:
+    if "OPENMP = 1" not in (detect().system_info or ""):
+        pytest.skip("this llama.cpp build does not use OpenMP")
+    if policy is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    assert main(["doctor"]) == 0
+    line = re.search(r"^OMP_WAIT_POLICY +(.*)$", capsys.readouterr().out, re.M)
+    assert line is not None
+    assert line.group(1).startswith(policy or "unset")
+    assert ("PASSIVE is faster" in line.group(1)) is hint
 
 
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:

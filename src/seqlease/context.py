@@ -80,7 +80,7 @@ class Context:
             "sequences": sequences,
             "n_ctx": n_ctx,
             "n_batch": n_batch,
-            "n_threads": n_threads or _default_threads(),
+            "n_threads": n_threads or default_threads(),
         }
         #: What generations run on: the ``"session"`` or the ``"completion"`` backend.
         self.backend: Backend = (
@@ -240,7 +240,8 @@ def _check_int(name: str, value: object, low: int, high: int) -> None:
         raise ValueError(f"{name} must be an int in [{low}, {high}], not {value!r}")
 
 
-def _default_threads() -> int:
+def default_threads() -> int:
+    """llama.cpp threads of a :class:`Context` built with ``n_threads=None``."""
     # Half the logical cores, as llama-cpp-python does: llama.cpp's OpenMP workers spin while
     # waiting, and on a small machine they fight the engine thread and the callers for cores
     # (measured on 2 cores: a 48-token reply took 0.9 s with 1 thread, 6.7 s with 2).

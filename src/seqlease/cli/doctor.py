@@ -155,6 +155,7 @@ def diagnose(*, model: str | os.PathLike[str] | None = None, load: bool = False)
         report.add("completion backend", "available" if caps.completion else "unavailable")
         report.add("backend", caps.backend or "none")
         report.add("reasons", list(caps.reasons))
+        _threads(report, caps.system_info or "")
         if caps.backend is None:
             report.problems.append("no backend can run on this llama-cpp-python")
 
@@ -183,6 +184,19 @@ def diagnose(*, model: str | os.PathLike[str] | None = None, load: bool = False)
             if load:
                 _load(report, path, usable=caps is not None and caps.backend is not None)
     return report
+
+
+def _threads(report: Report, system_info: str) -> None:
+    from seqlease.context import default_threads
+
+    report.add("threads", f"{default_threads()} by default (Context(n_threads=...))")
+    if "OPENMP = 1" in system_info:
+        policy = os.environ.get("OMP_WAIT_POLICY")
+        # OpenMP workers spin at every barrier by default and collapse when another process
+        # takes a core; PASSIVE must be set before llama.cpp loads (docs: troubleshooting).
+        passive = (policy or "").upper() == "PASSIVE"
+        hint = "" if passive else "; PASSIVE is faster on a busy machine"
+        report.add("OMP_WAIT_POLICY", f"{policy or 'unset'}{hint}")
 
 
 def _load(report: Report, path: Path, *, usable: bool) -> None:
