@@ -6,7 +6,6 @@ Every sequence id and token is validated here, in Python, before it reaches llam
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -150,26 +149,6 @@ class NativeContext:
         """Forget every sequence's tokens."""
         self.memory.clear(self.ptr)
         self._tracked_pos_max = [-1] * self.n_seq_max
-
-    # -- per-sequence state -----------------------------------------------------------------
-
-    def state_seq_get(self, seq_id: int) -> bytes:
-        """A snapshot of one sequence's KV memory."""
-        self.check_seq(seq_id)
-        size = int(self._lib.llama_state_seq_get_size(self.ptr, seq_id))
-        buf = (ctypes.c_uint8 * size)()
-        written = int(self._lib.llama_state_seq_get_data(self.ptr, buf, size, seq_id))
-        return bytes(buf[:written])
-
-    def state_seq_set(self, seq_id: int, data: bytes) -> None:
-        """Restore a snapshot from :meth:`state_seq_get` into ``seq_id`` (replacing it)."""
-        self.check_seq(seq_id)
-        self.seq_rm(seq_id)
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        if int(self._lib.llama_state_seq_set_data(self.ptr, buf, len(data), seq_id)) == 0:
-            raise NativeError(f"llama.cpp rejected the state snapshot for sequence {seq_id}")
-        if self.memory.seq_pos_max is not None:
-            self._tracked_pos_max[seq_id] = self.memory.seq_pos_max(self.ptr, seq_id)
 
     # -- decode -----------------------------------------------------------------------------
 
