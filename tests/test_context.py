@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import warnings
 import time
 
 import pytest
@@ -217,6 +218,21 @@ def test_forgotten_handle_warns_with_origin_and_is_reclaimed(ctx):
     assert stats.leaked == 1
     assert stats.free == 2
     assert native_pos_max(ctx, 0) == -1
+
+
+def test_forgotten_handle_is_reclaimed_when_warnings_are_errors(ctx):
+    # Under -W error the warning raises inside the finalizer; the reclaim must not depend on it.
+    def forget() -> None:
+        fill(ctx.acquire())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        forget()
+        gc.collect()
+    stats = settle(ctx)
+    assert (stats.leaked, stats.free) == (1, 2)
+    with ctx.lease(timeout=0), ctx.lease(timeout=0):
+        pass
 
 
 def test_forgotten_handle_wakes_a_waiter():

@@ -25,8 +25,8 @@ _LABEL_WIDTH = 20
 
 _MEMORY_API_NAMES = {
     "memory": "llama_memory_*, 0.3.10+",
-    "kv_self": "llama_kv_self_*, 0.3.9 to 0.3.16",
-    "kv_cache": "llama_kv_cache_*, 0.3.9 and older",
+    "kv_self": "llama_kv_self_*, 0.3.9",
+    "kv_cache": "llama_kv_cache_*, 0.3.8 and older",
 }
 
 

@@ -245,13 +245,14 @@ class SequencePool:
         """Finalizer of a handle dropped while leased. Takes no lock: see the module doc."""
         if slot.generation != generation or slot.state is not SlotState.LEASED:
             return  # released normally after all (racy read; begin_release re-checks)
+        # Queue before warning: under ``-W error`` the warning raises, here and nowhere else.
+        self._reclaims.put((slot, generation))
         warnings.warn(
             f"sequence {slot.seq_id} leased at {origin} was never released; seqlease reclaimed "
             "it. Use `with ctx.lease() as seq:` or call seq.release() in a finally block",
             LeaseLeakWarning,
             stacklevel=2,
         )
-        self._reclaims.put((slot, generation))
 
     def _reclaim(self, slot: Slot, generation: int) -> None:
         with self._lock:
