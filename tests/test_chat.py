@@ -92,6 +92,20 @@ def test_stream_and_async_forms_agree(ctx):
     assert streamed == a == b
 
 
+def test_closing_the_stream_early_stops_the_reply_and_sessions_share_the_template(ctx):
+    async def main() -> seqlease.Result | None:
+        async with ctx.alease() as seq:
+            chat = seqlease.ChatSession(seq)
+            stream = chat.astream("Count to one hundred.", temperature=0, max_tokens=200)
+            await anext(stream)
+            await stream.aclose()  # typed as an AsyncGenerator, so this is allowed
+            assert seqlease.ChatSession(seq)._template is chat._template  # compiled once
+            return chat.last_result
+
+    assert asyncio.run(main()) is None  # the reply never completed
+    assert _clean(ctx).leased == 0
+
+
 def test_concurrent_prompts_on_one_session_take_turns(ctx):
     with ctx.lease() as seq:
         chat = seqlease.ChatSession(seq)

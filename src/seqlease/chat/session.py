@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Generator
 from typing import Any
 
 from seqlease.chat.template import USER_TURN_MARKERS, ChatTemplate
@@ -97,7 +97,7 @@ class ChatSession:
         """
         return "".join(self.stream(text, **sampling))
 
-    def stream(self, text: str, **sampling: Any) -> Iterator[str]:
+    def stream(self, text: str, **sampling: Any) -> Generator[str, None, None]:
         """Like :meth:`prompt`, yielding the reply in chunks as it is generated."""
         tokens, params = self._prepare(text, sampling)
         with self._turn:
@@ -110,7 +110,7 @@ class ChatSession:
         """Async :meth:`prompt`."""
         return "".join([chunk async for chunk in self.astream(text, **sampling)])
 
-    async def astream(self, text: str, **sampling: Any) -> AsyncIterator[str]:
+    async def astream(self, text: str, **sampling: Any) -> AsyncGenerator[str, None]:
         """Async :meth:`stream`; cancelling the task stops the reply within one step."""
         tokens, params = self._prepare(text, sampling)
         if self._aturn is None:

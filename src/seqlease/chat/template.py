@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -67,7 +68,7 @@ class ChatTemplate:
                 return ""
             return model.token_to_piece(token, special=True).decode("utf-8", "replace")
 
-        return cls(model.chat_template(), bos_token=text(model.bos), eos_token=text(model.eos))
+        return _compiled(model.chat_template(), text(model.bos), text(model.eos))
 
     def render(
         self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True
@@ -88,3 +89,10 @@ class ChatTemplate:
     def bos_token(self) -> str:
         """The BOS text the template may put at the start itself."""
         return self._bos
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(source: str | None, bos_token: str, eos_token: str) -> ChatTemplate:
+    # A session per request must not compile the same template each time (milliseconds, on
+    # the event loop in async apps); a ChatTemplate never changes once built.
+    return ChatTemplate(source, bos_token=bos_token, eos_token=eos_token)
