@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import gc
 import threading
-import warnings
 import time
+import warnings
 
 import pytest
 
