@@ -23,6 +23,8 @@ _LEVELS = {
     4: logging.ERROR,
 }
 _CONT = 5
+# The numbering before ggml renumbered its levels in 2024 (llama-cpp-python 0.2.x): no CONT.
+_OLD_LEVELS = {2: logging.ERROR, 3: logging.WARNING, 4: logging.INFO, 5: logging.DEBUG}
 
 _lock = threading.Lock()
 _lib: ModuleType | None = None
@@ -34,13 +36,15 @@ _log_callback: Any = None
 class _LineAssembler:
     """Joins llama.cpp's log fragments into whole lines before they reach ``logging``."""
 
-    def __init__(self) -> None:
+    def __init__(self, levels: dict[int, int], cont: int | None) -> None:
+        self._levels = levels
+        self._cont = cont
         self._parts: list[str] = []
         self._level = logging.DEBUG
 
     def feed(self, level: int, text: bytes | None) -> None:
-        if level != _CONT and not self._parts:
-            self._level = _LEVELS.get(level, logging.DEBUG)
+        if level != self._cont and not self._parts:
+            self._level = self._levels.get(level, logging.DEBUG)
         self._parts.append((text or b"").decode("utf-8", errors="replace"))
         joined = "".join(self._parts)
         if "\n" not in joined:
@@ -70,7 +74,7 @@ def load_library() -> ModuleType:
             lib, "llama_log_callback", None
         )
         if callback_type is not None and hasattr(lib, "llama_log_set"):
-            assembler = _LineAssembler()
+            assembler = _LineAssembler(*_level_numbering())
 
             def _on_log(level: int, text: bytes | None, _user_data: Any) -> None:
                 assembler.feed(level, text)
@@ -84,6 +88,19 @@ def load_library() -> ModuleType:
                 lib.llama_log_set(_log_callback, None)
         _lib = lib
         return lib
+
+
+def _level_numbering() -> tuple[dict[int, int], int | None]:
+    """Which ggml log level numbering the installed llama.cpp uses, and its CONT level.
+
+    The binding's own level table (in its private ``_logger`` module) is written for the
+    llama.cpp it ships; the new numbering starts at NONE = 0.
+    """
+    try:
+        table = importlib.import_module("llama_cpp._logger").GGML_LOG_LEVEL_TO_LOGGING_LEVEL
+    except (ImportError, AttributeError):
+        return _LEVELS, _CONT
+    return (_LEVELS, _CONT) if 0 in table else (_OLD_LEVELS, None)
 
 
 def binding_version() -> str | None:

@@ -15,6 +15,11 @@ from seqlease.model_path import check_model_file
 __all__ = ["NativeModel"]
 
 
+def _renamed(lib: ModuleType, new: str, old: str) -> Any:
+    """``new`` where the binding has it, else the name it replaced."""
+    return getattr(lib, new, None) or getattr(lib, old)
+
+
 class NativeModel:
     """One ``llama_model``: loaded here (and freed by :meth:`close`) or borrowed.
 
@@ -54,11 +59,17 @@ class NativeModel:
         self.path = path
         self._owned = owned
         self._ptr: Any = ptr
-        self._vocab: Any = lib.llama_model_get_vocab(ptr)
-        self.n_vocab: int = int(lib.llama_vocab_n_tokens(self._vocab))
-        self.n_ctx_train: int = int(lib.llama_model_n_ctx_train(ptr))
-        self.bos: int = int(lib.llama_vocab_bos(self._vocab))
-        self.eos: int = int(lib.llama_vocab_eos(self._vocab))
+        # llama.cpp moved its tokenizer calls from the model to a vocabulary object; before,
+        # the same calls took the model itself (llama-cpp-python 0.2.x, for one).
+        get_vocab = getattr(lib, "llama_model_get_vocab", None)
+        self._vocab: Any = get_vocab(ptr) if get_vocab is not None else ptr
+        self._is_eog = _renamed(lib, "llama_vocab_is_eog", "llama_token_is_eog")
+        self.n_vocab: int = int(_renamed(lib, "llama_vocab_n_tokens", "llama_n_vocab")(self._vocab))
+        self.n_ctx_train: int = int(
+            _renamed(lib, "llama_model_n_ctx_train", "llama_n_ctx_train")(ptr)
+        )
+        self.bos: int = int(_renamed(lib, "llama_vocab_bos", "llama_token_bos")(self._vocab))
+        self.eos: int = int(_renamed(lib, "llama_vocab_eos", "llama_token_eos")(self._vocab))
         self._lock = threading.Lock()
 
     @property
@@ -115,7 +126,7 @@ class NativeModel:
     def is_eog(self, token: int) -> bool:
         """Whether ``token`` ends generation (EOS, EOT, ...)."""
         with self._lock:
-            return bool(self._lib.llama_vocab_is_eog(self._live_vocab(), token))
+            return bool(self._is_eog(self._live_vocab(), token))
 
     def is_recurrent(self) -> bool:
         """Whether the model keeps recurrent state (partial KV removal fails on those)."""
