@@ -1,0 +1,143 @@
+"""The smoke suite that the compatibility matrix runs against each llama-cpp-python release.
+
+It is self-contained (no conftest fixtures, no Sybil), so ``tests/compat_matrix.py`` can run it
+with ``pytest --noconftest`` in a virtual environment holding only an older binding, seqlease
+and pytest. In the main suite it runs on the newest release like every other test.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from importlib import metadata
+
+import pytest
+
+import seqlease
+from seqlease.backends.session import SessionBackend
+from seqlease.native.library import load_library
+
+#: The per-sequence memory API that each release binds, from the releases' own sources (see
+#: docs/compatibility.md), written down independently of ``detect()``'s ``hasattr`` checks.
+GENERATIONS = (
+    ((0, 3, 10), "memory"),  # llama_memory_* (0.3.10 to 0.3.16 bind kv_self too)
+    ((0, 3, 9), "kv_self"),  # llama_kv_self_*, but seq_rm only as llama_kv_cache_seq_rm
+    ((0, 0, 0), "kv_cache"),  # llama_kv_cache_* only
+)
+
+
+PROMPT = "The three largest oceans on Earth are"
+TOKENS = 12
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:3])
+
+
+def supported_from() -> tuple[int, ...]:
+    """The oldest llama-cpp-python seqlease supports: its requirement in pyproject.toml."""
+    for requirement in metadata.requires("seqlease") or ():
+        if match := re.fullmatch(r"llama-cpp-python\s*>=\s*([\d.]+)", requirement.strip()):
+            return version_tuple(match.group(1))
+    raise AssertionError("seqlease declares no llama-cpp-python>=... requirement")
+
+
+def expected_generation(version: str) -> str:
+    return next(name for first, name in GENERATIONS if version_tuple(version) >= first)
+
+
+def test_generation_table() -> None:
+    assert expected_generation("0.3.36") == "memory"
+    assert expected_generation("0.3.16") == "memory"
+    assert expected_generation("0.3.10") == "memory"
+    assert expected_generation("0.3.9") == "kv_self"
+    assert expected_generation("0.3.8") == "kv_cache"
+
+
+def test_detect_generation() -> None:
+    import llama_cpp
+
+    caps = seqlease.detect()
+    assert caps.binding_version == llama_cpp.__version__
+    assert caps.memory_api == expected_generation(caps.binding_version), caps.reasons
+    if version_tuple(caps.binding_version) >= supported_from():
+        assert caps.session and caps.completion, caps.reasons
+        assert caps.backend == "session"
+
+
+def test_auto_backend_answers() -> None:
+    caps = seqlease.detect()
+    with seqlease.Context(sequences=1, n_ctx=256, n_threads=1) as ctx:
+        assert ctx.backend.name == caps.backend
+        assert ctx.complete(PROMPT, max_tokens=TOKENS, temperature=0).strip()
+
+
+@pytest.fixture(scope="module")
+def ctx() -> Iterator[seqlease.Context]:
+    if not seqlease.detect().session:  # below the supported range: refused, with the reasons
+        with pytest.raises(seqlease.BackendUnavailableError, match="missing"):
+            seqlease.Context(sequences=2, n_ctx=256, n_threads=1, backend="session")
+        pytest.skip("this release cannot run the session backend (refused cleanly)")
+    with seqlease.Context(sequences=2, n_ctx=256, n_threads=1, backend="session") as ctx:
+        yield ctx
+
+
+def native_state_size(ctx: seqlease.Context, seq_id: int) -> int:
+    """Bytes llama.cpp needs to snapshot one sequence: grows with every token it holds.
+
+    Bound in every release since 0.2.61, unlike ``seq_pos_max``, so "empty" is checked by
+    llama.cpp itself on every generation.
+    """
+    backend = ctx.backend
+    assert isinstance(backend, SessionBackend)
+    with backend.guard:
+        return int(load_library().llama_state_seq_get_size(backend.native.ptr, seq_id))
+
+
+def test_two_leases_batched_then_empty(ctx: seqlease.Context) -> None:
+    empty = [native_state_size(ctx, i) for i in range(2)]
+    engine = ctx.backend.engine  # type: ignore[attr-defined]
+    with ctx.lease(timeout=0) as a, ctx.lease(timeout=0) as b:
+        alone = a.generate(PROMPT, max_tokens=TOKENS, temperature=0).result()
+        steps_before = engine.steps
+        gen_a = a.generate(PROMPT + " Please.", max_tokens=TOKENS, temperature=0)
+        gen_b = b.generate(PROMPT, max_tokens=TOKENS, temperature=0)
+        res_a, res_b = gen_a.result(), gen_b.result()
+        steps = engine.steps - steps_before
+        held = [native_state_size(ctx, i) for i in (a.id, b.id)]
+    assert res_a.text and res_b.text
+    assert res_b.text == alone.text  # batching next to another sequence changes nothing
+    # Both decoded in shared steps: one after the other would take at least one step per
+    # generated token of each.
+    assert steps < res_a.n_generated + res_b.n_generated, steps
+    assert all(h > e for h, e in zip(held, empty, strict=True))
+    stats = ctx.stats()
+    assert (stats.leased, stats.free, stats.leaked) == (0, 2, 0)
+    assert [native_state_size(ctx, i) for i in range(2)] == empty
+
+
+def test_completion_backend_answers() -> None:
+    with seqlease.Context(sequences=1, n_ctx=256, n_threads=1, backend="completion") as ctx:
+        assert ctx.backend.name == "completion"
+        text = ctx.complete(PROMPT, max_tokens=TOKENS, temperature=0)
+    assert text.strip()
+
+
+def test_llama_log_levels(caplog: pytest.LogCaptureFixture) -> None:
+    # ggml renumbered its log levels once; loading a model is never an error (one warning:
+    # n_ctx below the trained context).
+    with (
+        caplog.at_level(logging.DEBUG, logger="seqlease.llama"),
+        seqlease.Context(sequences=1, n_ctx=256, n_threads=1),
+    ):
+        pass
+    levels = {r.levelno for r in caplog.records if r.name == "seqlease.llama"}
+    assert levels and max(levels) < logging.ERROR, sorted(levels)
+
+
+def test_no_log_noise(capfd: pytest.CaptureFixture[str]) -> None:
+    with seqlease.Context(sequences=1, n_ctx=256, n_threads=1) as ctx:
+        ctx.complete(PROMPT, max_tokens=2)
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", (out, err)
