@@ -616,14 +616,13 @@ def interpretation(s: Sweep, probe: dict, memory: dict, args: argparse.Namespace
     default, passive = probe["default"], probe["passive"]
     notes.append(
         f"Threads: {args.threads} for every path, OpenMP wait policy "
-        f"{os.environ['OMP_WAIT_POLICY']}. With OpenMP's default policy llama.cpp's threads "
-        "spin at every barrier of the forward pass, so when another process takes one of the "
-        f"two cores, 2 threads decode {default.get('2:busy', 0.0):.1f} tok/s against "
-        f"{default.get('2:as is', 0.0):.1f} on a quiet machine (earlier runs saw single steps "
-        "stall for 2 to 3 seconds). `OMP_WAIT_POLICY=PASSIVE`, set before llama.cpp loads, "
-        f"keeps 2 threads at {passive.get('2:busy', 0.0):.1f} tok/s with a busy core and "
-        f"{passive.get('2:as is', 0.0):.1f} without one: set it in applications too "
-        "(docs: troubleshooting)."
+        f"{os.environ['OMP_WAIT_POLICY']}. With one core taken by a spinning process, 2 "
+        f"threads decoded {default.get('2:busy', 0.0):.1f} tok/s with OpenMP's default policy "
+        f"and {passive.get('2:busy', 0.0):.1f} with PASSIVE (quiet machine: "
+        f"{default.get('2:as is', 0.0):.1f} and {passive.get('2:as is', 0.0):.1f}). The "
+        "default policy spins at every barrier of the forward pass; earlier runs of this probe "
+        "saw it collapse to about 40 tok/s, with single steps stalled for 2 to 3 seconds, "
+        "where PASSIVE stayed above 100. The probe is short, so single runs vary."
     )
     loads = s.other_load
     notes.append(

@@ -52,16 +52,7 @@ RETRY_AFTER = 1
 
 STORYTELLER = "You are a storyteller. Answer with a two-sentence story and nothing else."
 
-TOPICS = (
-    "a lighthouse keeper",
-    "a lost umbrella",
-    "a robot learning to bake",
-    "the last train of the night",
-    "a cat who owns a bookshop",
-    "a message in a bottle",
-    "a dragon afraid of heights",
-    "a snowman in July",
-)
+TOPICS = ("a lighthouse keeper", "a lost umbrella", "a snowman in July", "a message in a bottle")
 
 
 def env_int(name: str, default: int) -> int:

@@ -195,7 +195,7 @@ def _threads(report: Report, system_info: str) -> None:
         # OpenMP workers spin at every barrier by default and collapse when another process
         # takes a core; PASSIVE must be set before llama.cpp loads (docs: troubleshooting).
         passive = (policy or "").upper() == "PASSIVE"
-        hint = "" if passive else "; PASSIVE is faster on a busy machine"
+        hint = "" if passive else "; PASSIVE avoids stalls when cores are shared"
         report.add("OMP_WAIT_POLICY", f"{policy or 'unset'}{hint}")
 
 
