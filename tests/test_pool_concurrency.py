@@ -227,16 +227,22 @@ def test_keyboard_interrupt_inside_lease_releases(ctx3):
 
 
 def test_keyboard_interrupt_while_waiting_leaves_the_queue(ctx3):
+    # Python turns SIGINT into KeyboardInterrupt only when it was not ignored at start-up, and
+    # a job started in the background (`cmd &` in a script, as CI may) starts with it ignored.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     held = [ctx3.acquire() for _ in range(3)]
     # A real SIGINT, as from Ctrl-C: it must interrupt the blocked wait, not just be noticed
     # after the timeout.
     timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     start = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        ctx3.acquire(timeout=10)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ctx3.acquire(timeout=10)
+    finally:
+        timer.join()
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - start < 5
-    timer.join()
     assert ctx3.stats().waiting == 0
     for seq in held:
         seq.release()
