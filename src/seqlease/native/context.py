@@ -11,6 +11,7 @@ from types import ModuleType
 from typing import Any
 
 from seqlease.errors import DecodeError, InvalidSequenceError, NativeError, SeqleaseError
+from seqlease.native.library import renamed
 from seqlease.native.memory import MemoryOps
 from seqlease.native.model import NativeModel
 
@@ -54,7 +55,7 @@ class NativeContext:
         params.n_seq_max = n_seq_max
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
-        create = getattr(lib, "llama_init_from_model", None) or lib.llama_new_context_with_model
+        create = renamed(lib, "llama_init_from_model", "llama_new_context_with_model")
         ptr = create(model.ptr, params)
         if not ptr:
             raise NativeError(

@@ -11,13 +11,9 @@ from typing import Any
 
 from seqlease.errors import ContextClosedError, ModelLoadError
 from seqlease.model_path import check_model_file
+from seqlease.native.library import renamed
 
 __all__ = ["NativeModel"]
-
-
-def _renamed(lib: ModuleType, new: str, old: str) -> Any:
-    """``new`` where the binding has it, else the name it replaced."""
-    return getattr(lib, new, None) or getattr(lib, old)
 
 
 class NativeModel:
@@ -37,7 +33,7 @@ class NativeModel:
         checked = check_model_file(path)
         params = lib.llama_model_default_params()
         params.n_gpu_layers = 0
-        load = getattr(lib, "llama_model_load_from_file", None) or lib.llama_load_model_from_file
+        load = renamed(lib, "llama_model_load_from_file", "llama_load_model_from_file")
         ptr = load(os.fsencode(checked), params)
         if not ptr:
             raise ModelLoadError(
@@ -63,13 +59,13 @@ class NativeModel:
         # the same calls took the model itself (llama-cpp-python 0.2.x, for one).
         get_vocab = getattr(lib, "llama_model_get_vocab", None)
         self._vocab: Any = get_vocab(ptr) if get_vocab is not None else ptr
-        self._is_eog = _renamed(lib, "llama_vocab_is_eog", "llama_token_is_eog")
-        self.n_vocab: int = int(_renamed(lib, "llama_vocab_n_tokens", "llama_n_vocab")(self._vocab))
+        self._is_eog = renamed(lib, "llama_vocab_is_eog", "llama_token_is_eog")
+        self.n_vocab: int = int(renamed(lib, "llama_vocab_n_tokens", "llama_n_vocab")(self._vocab))
         self.n_ctx_train: int = int(
-            _renamed(lib, "llama_model_n_ctx_train", "llama_n_ctx_train")(ptr)
+            renamed(lib, "llama_model_n_ctx_train", "llama_n_ctx_train")(ptr)
         )
-        self.bos: int = int(_renamed(lib, "llama_vocab_bos", "llama_token_bos")(self._vocab))
-        self.eos: int = int(_renamed(lib, "llama_vocab_eos", "llama_token_eos")(self._vocab))
+        self.bos: int = int(renamed(lib, "llama_vocab_bos", "llama_token_bos")(self._vocab))
+        self.eos: int = int(renamed(lib, "llama_vocab_eos", "llama_token_eos")(self._vocab))
         self._lock = threading.Lock()
 
     @property
@@ -171,6 +167,6 @@ class NativeModel:
         """Free the weights (a borrowed model is only forgotten); idempotent."""
         with self._lock:
             if self._ptr is not None and self._owned:
-                free = getattr(self._lib, "llama_model_free", None) or self._lib.llama_free_model
+                free = renamed(self._lib, "llama_model_free", "llama_free_model")
                 free(self._ptr)
             self._ptr = None
