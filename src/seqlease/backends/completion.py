@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from seqlease.backends.base import check_prompt
+from seqlease.backends.lifetime import NativeLifetime
 from seqlease.engine.job import Event, FinishReason, Job
 from seqlease.engine.params import SamplingParams
 from seqlease.errors import (
@@ -126,8 +127,7 @@ class CompletionBackend:
         self._by_seq: dict[int, Job] = {}  # queued or running, by sequence
         self._running: Job | None = None
         self._stopping = False
-        self._freed = False
-        self._on_exit: Callable[[], None] | None = None
+        self.lifetime = NativeLifetime(self.guard, self._free)
         #: Jobs the worker has taken from the queue and ended (any way), for tests and stats.
         self.completed = 0
         self.thread = threading.Thread(target=self._serve, name="seqlease-completion", daemon=True)
@@ -214,19 +214,11 @@ class CompletionBackend:
             self._cond.notify_all()
         for job in queued:
             job.finish("cancelled")
-        if threading.current_thread() is self.thread:
-            self._on_exit = self._free
-        else:
-            self.thread.join()
-            self._free()
+        self.lifetime.free_after(self.thread)
 
     def _free(self) -> None:
-        with self.guard:
-            if self._freed:
-                return
-            self._freed = True
-            self.model.close()
-            self.llama.close()
+        self.model.close()
+        self.llama.close()
 
     # -- worker thread ----------------------------------------------------------------------
 
@@ -257,8 +249,7 @@ class CompletionBackend:
             for job in orphans:
                 job.fail(NativeError("the completion worker stopped after an error"))
         finally:
-            if self._on_exit is not None:
-                self._on_exit()
+            self.lifetime.thread_exited()
 
     def _run(self, job: Job) -> None:
         """Run one job to its end; never raises, always ends the job."""

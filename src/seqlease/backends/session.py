@@ -8,6 +8,7 @@ from collections.abc import Callable
 from types import ModuleType
 
 from seqlease.backends.base import check_prompt
+from seqlease.backends.lifetime import NativeLifetime
 from seqlease.engine.engine import Engine
 from seqlease.engine.job import Event, Job
 from seqlease.engine.params import SamplingParams
@@ -58,8 +59,9 @@ class SessionBackend:
             self.model.close()
             raise
         self._lib = lib
-        self._closed = False
+        self.lifetime = NativeLifetime(self.guard, self._free)
         self.engine = Engine(lib, self.native, self.guard)
+        self.engine.on_exit = self.lifetime.thread_exited
 
     def generate(
         self,
@@ -79,7 +81,7 @@ class SessionBackend:
         """Stop the sequence's generation, then remove every token from its KV memory."""
         self.engine.cancel_sequence(seq_id)
         with self.guard:
-            if not self._closed:
+            if not self.lifetime.freed:
                 self.native.seq_rm(seq_id)
                 self.engine.tokens[seq_id].clear()
 
@@ -95,16 +97,8 @@ class SessionBackend:
         runs on that very thread (a finalizer during garbage collection), it frees on exit.
         """
         self.engine.stop()
-        if threading.current_thread() is self.engine.thread:
-            self.engine.on_exit = self._free
-        else:
-            self.engine.thread.join()
-            self._free()
+        self.lifetime.free_after(self.engine.thread)
 
     def _free(self) -> None:
-        with self.guard:
-            if self._closed:
-                return
-            self._closed = True
-            self.native.close()
-            self.model.close()
+        self.native.close()
+        self.model.close()
