@@ -5,16 +5,23 @@ from __future__ import annotations
 import time
 
 import seqlease
+from seqlease.engine.engine import Engine
 from seqlease.pool import SlotState
+
+
+def engine(ctx: seqlease.Context) -> Engine:
+    """The session backend's engine (tests look inside it; applications cannot)."""
+    found: Engine = ctx._backend.engine  # type: ignore[attr-defined]
+    return found
 
 
 def fill(seq: seqlease.Sequence, n: int = 3) -> None:
     """Decode ``n`` tokens into a leased sequence so that clearing it has something to do."""
-    backend = seq.context.backend
-    with backend.guard:
+    eng = engine(seq.context)
+    with eng._guard:
         seq.check()
-        start = backend.native.seq_pos_max(seq.id) + 1
-        backend.native.decode([(100 + i, start + i, seq.id, False) for i in range(n)])
+        start = eng._native.seq_pos_max(seq.id) + 1
+        eng._native.decode([(100 + i, start + i, seq.id, False) for i in range(n)])
 
 
 def native_pos_max(ctx: seqlease.Context, seq_id: int) -> int:
@@ -23,9 +30,10 @@ def native_pos_max(ctx: seqlease.Context, seq_id: int) -> int:
     The completion backend keeps nothing per sequence: its answer is its own count.
     """
     if ctx.backend.name != "session":
-        return ctx.backend.n_tokens(seq_id) - 1
-    with ctx.backend.guard:
-        return ctx.backend.native.seq_pos_max(seq_id)
+        return ctx._backend.n_tokens(seq_id) - 1
+    eng = engine(ctx)
+    with eng._guard:
+        return eng._native.seq_pos_max(seq_id)
 
 
 def free_slots_are_empty(ctx: seqlease.Context) -> list[int]:

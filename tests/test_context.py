@@ -151,9 +151,9 @@ def test_close_fails_waiters_and_refuses_new_leases():
     # Native memory stays until the last lease is back: the held handle still works.
     fill(held)
     assert held.n_tokens == 3
-    assert not ctx.backend.lifetime.freed
+    assert not ctx._backend.freed
     held.release()
-    assert ctx.backend.lifetime.freed
+    assert ctx._backend.freed
     assert ctx.stats().rejected == 1
 
 
@@ -172,7 +172,7 @@ def test_close_waits_for_leases_of_other_threads():
     start = time.monotonic()
     ctx.close()
     assert time.monotonic() - start >= 0.1
-    assert ctx.backend.lifetime.freed
+    assert ctx._backend.freed
     t.join()
 
 
@@ -188,10 +188,10 @@ def test_close_timeout_defers_native_free():
     t.start()
     wait_for(lambda: ctx.stats().leased == 1)
     ctx.close(timeout=0.05)
-    assert not ctx.backend.lifetime.freed
+    assert not ctx._backend.freed
     release.set()
     t.join(5)
-    assert ctx.backend.lifetime.freed
+    assert ctx._backend.freed
     ctx.close()  # idempotent
 
 

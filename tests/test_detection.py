@@ -21,7 +21,8 @@ import pytest
 import fake_bindings as fb
 import seqlease
 from seqlease.__main__ import main
-from seqlease.detection import _SESSION_NEEDS, Capabilities, detect, detect_from
+from seqlease.detection import Capabilities, detect, detect_from
+from seqlease.native.names import NAMES, SESSION_NEEDS
 from seqlease.native.memory import resolve_memory_api
 
 # -- the real, installed binding ---------------------------------------------------------------
@@ -154,8 +155,9 @@ def test_0_2_x_falls_back_to_completion_and_says_why() -> None:
     assert "recommended backend: completion" in caps.reasons
 
 
-@pytest.mark.parametrize(("purpose", "names"), _SESSION_NEEDS, ids=[p for p, _ in _SESSION_NEEDS])
-def test_each_session_need_is_required(purpose: str, names: tuple[str, ...]) -> None:
+@pytest.mark.parametrize("purpose", SESSION_NEEDS)
+def test_each_session_need_is_required(purpose: str) -> None:
+    names = NAMES[purpose]
     caps = detect_from(fb.binding_newest(without=names), fb.FakeLlama, None)
     assert caps.session is False
     assert caps.backend == "completion"

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import threading
 
 import pytest
 
 import seqlease
-from helpers import wait_for
-from seqlease.engine.params import DEFAULTS, sanitize
-from seqlease.engine.schedule import plan_batch
-from seqlease.engine.text import TextAssembler, trim_at_stop
+from helpers import engine, native_pos_max, wait_for
+from seqlease.request.text import TextAssembler
 
 PROMPTS = [
     "Once upon a time",
@@ -33,7 +30,7 @@ def ctx():
         yield ctx
 
 
-def _serial(ctx: seqlease.Context, prompts: list[str], **kw) -> list[seqlease.engine.job.Result]:
+def _serial(ctx: seqlease.Context, prompts: list[str], **kw) -> list[seqlease.Result]:
     out = []
     for prompt in prompts:
         with ctx.lease() as seq:
@@ -60,9 +57,9 @@ def _concurrent(ctx: seqlease.Context, prompts: list[str], **kw):
 
 def test_eight_concurrent_greedy_generations_match_serial(ctx):
     serial = _serial(ctx, PROMPTS, temperature=0, max_tokens=24)
-    steps_before = ctx.backend.engine.steps
+    steps_before = engine(ctx).steps
     batched = _concurrent(ctx, PROMPTS, temperature=0, max_tokens=24)
-    steps = ctx.backend.engine.steps - steps_before
+    steps = engine(ctx).steps - steps_before
     generated = sum(r.n_generated for r in batched)
     # Observed on llama.cpp CPU builds: identical text. Batched matmuls could in principle
     # round differently; if that ever shows, it is llama.cpp's nondeterminism, not ours.
@@ -109,13 +106,13 @@ def test_cancel_one_sequence_mid_batch(ctx):
         for i, _ in enumerate(gen):
             if i == 3:
                 break
-        steps = ctx.backend.engine.steps
+        steps = engine(ctx).steps
         gen.close()
         # Stopped within a step (one may already be under way when we ask).
-        assert ctx.backend.engine.steps - steps <= 2
+        assert engine(ctx).steps - steps <= 2
         assert gen.result().finish_reason == "cancelled"
         # The sequence is consistent: llama.cpp holds exactly the tokens seqlease tracks.
-        assert seq.n_tokens == len(ctx.backend.engine.tokens[seq.id])
+        assert seq.n_tokens == len(engine(ctx).held_tokens(seq.id))
         again = seq.generate("Count slowly: one, two,", temperature=0, max_tokens=5).result()
         assert again.n_evaluated == 1  # everything but the last prompt token was kept
     for t in threads:
@@ -150,7 +147,7 @@ def test_abort_event_and_task_cancellation(ctx):
                 await task
             # The engine lets go of the sequence promptly, so release does not wait long.
             await asyncio.get_running_loop().run_in_executor(
-                None, lambda: wait_for(lambda: seq.id not in ctx.backend.engine._by_seq, 2)
+                None, lambda: wait_for(lambda: not engine(ctx)._jobs._live, 2)
             )
 
     asyncio.run(main())
@@ -159,41 +156,41 @@ def test_abort_event_and_task_cancellation(ctx):
 
 def test_prompt_overflow_raises_before_any_native_call(ctx):
     with ctx.lease() as seq:
-        steps = ctx.backend.engine.steps
+        steps = engine(ctx).steps
         long_prompt = "word " * 400
         with pytest.raises(seqlease.ContextOverflowError, match=r"n_ctx=256") as info:
             seq.generate(long_prompt)
         assert "tokens" in str(info.value)
-        assert ctx.backend.engine.steps == steps
+        assert engine(ctx).steps == steps
         assert seq.n_tokens == 0
 
 
 def test_reply_stops_at_the_end_of_the_sequence():
     with seqlease.Context(sequences=2, n_ctx=32, n_threads=1) as small, small.lease() as seq:
-        prompt = small.backend.model.tokenize("one two three four five six seven eight")
+        prompt = small._backend.model.tokenize("one two three four five six seven eight")
         result = seq.generate(prompt, temperature=0, max_tokens=500).result()
         assert result.finish_reason in ("length", "eog")
         assert len(prompt) + result.n_generated <= 32 + 1
 
 
 def test_prefix_reuse_evaluates_only_the_suffix(ctx):
-    model = ctx.backend.model
+    model = ctx._backend.model
     with ctx.lease() as seq:
         first = seq.generate("The history of the printing press", temperature=0, max_tokens=16)
         r1 = first.result()
         assert r1.n_evaluated == r1.n_prompt
-        held = list(ctx.backend.engine.tokens[seq.id])
+        held = list(engine(ctx).held_tokens(seq.id))
         follow = "The history of the printing press" + r1.text + " And then"
         tokens = model.tokenize(follow)
         common = 0
         while common < min(len(held), len(tokens)) and held[common] == tokens[common]:
             common += 1
-        before = ctx.backend.engine.evaluated
+        before = engine(ctx).evaluated
         r2 = seq.generate(tokens, temperature=0, max_tokens=4).result()
         assert r2.n_evaluated == len(tokens) - common
         assert r2.n_evaluated < len(tokens) // 2
         # What the engine decoded: the suffix, then one token per generated token but the last.
-        assert ctx.backend.engine.evaluated - before == r2.n_evaluated + r2.n_generated - 1
+        assert engine(ctx).evaluated - before == r2.n_evaluated + r2.n_generated - 1
 
 
 def test_stop_string_never_leaks_into_the_stream(ctx):
@@ -209,7 +206,7 @@ def test_stop_string_never_leaks_into_the_stream(ctx):
 
 
 def test_utf8_split_across_tokens_is_reassembled(ctx):
-    model = ctx.backend.model
+    model = ctx._backend.model
     text = "héllo 😀 wörld ñ"
     pieces = [model.token_to_piece(t) for t in model.tokenize(text, add_special=False)]
     broken = []
@@ -243,9 +240,8 @@ def test_release_while_generating_cancels_and_clears(ctx):
     next(gen)
     seq.release()
     assert gen.result().finish_reason == "cancelled"
-    assert ctx.backend.engine.tokens[seq.id] == []
-    with ctx.backend.guard:
-        assert ctx.backend.native.seq_pos_max(seq.id) == -1
+    assert engine(ctx).held_tokens(seq.id) == ()
+    assert native_pos_max(ctx, seq.id) == -1
 
 
 def test_released_handle_cannot_generate(ctx):
@@ -253,43 +249,3 @@ def test_released_handle_cannot_generate(ctx):
         pass
     with pytest.raises(seqlease.SequenceReleasedError):
         seq.generate("hi")
-
-
-def test_sampling_arguments_are_sanitized():
-    assert sanitize(temperature=math.nan, top_p=math.inf).temperature == DEFAULTS.temperature
-    assert sanitize(top_p=math.nan).top_p == 0.9
-    assert sanitize(max_tokens=math.inf).max_tokens == 256
-    assert sanitize(stop="USER:").stop == ("USER:",)
-    for bad in (
-        {"max_tokens": 0},
-        {"top_p": 0},
-        {"temperature": -1},
-        {"top_k": -1},
-        {"stop": [""]},
-        {"max_tokens": 2.5},
-    ):
-        with pytest.raises(ValueError, match="must be"):
-            sanitize(**bad)
-
-
-def test_trim_at_stop():
-    assert trim_at_stop("hi\nUSER: x", ["USER:", "\nUSER:"]) == "hi"
-    assert trim_at_stop("no marker", ["USER:"]) == "no marker"
-
-
-class _J:
-    def __init__(self, decoding: bool, pending: int) -> None:
-        self.decoding = decoding
-        self.pending = list(range(pending))
-
-
-def test_plan_batch_decoders_first_then_fair_prefill():
-    d1, d2, p1, p2 = _J(True, 0), _J(True, 0), _J(False, 1000), _J(False, 10)
-    plan = dict((id(j), n) for j, n in plan_batch([p1, d1, p2, d2], 512, 128))
-    assert plan[id(d1)] == plan[id(d2)] == 1
-    # Prefill capped while someone decodes; the short prompt finishes, the long one gets the rest.
-    assert plan[id(p2)] == 10
-    assert plan[id(p1)] == 118
-    alone = plan_batch([p1], 512, 128)
-    assert alone == [(p1, 512)]  # nobody decoding: the whole batch goes to the prompt
-    assert plan_batch([d1, d2], 1, 128) == [(d1, 1)]

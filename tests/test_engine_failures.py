@@ -13,6 +13,7 @@ import pytest
 
 import seqlease
 from seqlease.errors import DecodeError
+from helpers import engine
 from tiny_model import tiny_model_path
 
 
@@ -24,7 +25,7 @@ def ctx():
 
 def _inject(ctx: seqlease.Context, fail) -> list[int]:
     """Make ``fail(n_tokens)`` decide, per decode, whether to raise; returns the batch sizes."""
-    native = ctx.backend.native
+    native = engine(ctx)._native
     real = native.decode
     sizes: list[int] = []
 
@@ -70,7 +71,7 @@ def test_a_failed_decode_reaches_only_its_callers_and_the_engine_lives_on(ctx):
         poisoned.add(bad.id)
         with pytest.raises(DecodeError, match=f"sequence {bad.id}"):
             bad.generate("hello world", max_tokens=4).result()
-        assert bad.n_tokens == len(ctx.backend.engine.tokens[bad.id]) == 0
+        assert bad.n_tokens == len(engine(ctx).held_tokens(bad.id)) == 0
         poisoned.clear()
         assert good.generate("hello", temperature=0, max_tokens=3).result().n_generated >= 1
         assert bad.generate("hello", temperature=0, max_tokens=3).result().n_generated >= 1

@@ -61,7 +61,7 @@ class PoolMachine(RuleBasedStateMachine):
         # failed half-way (the next example reuses this context).
         self.handed_out: list[seqlease.Sequence] = []
         self.expect = {"acquires": 0, "releases": 0, "timeouts": 0, "leaked": 0, "double": 0}
-        self.generations = [s.generation for s in self.ctx._pool.slots()]
+        self.lease_numbers = [s.lease_number for s in self.ctx._pool.slots()]
 
     def teardown(self) -> None:
         for seq in getattr(self, "handed_out", ()):
@@ -211,10 +211,10 @@ class PoolMachine(RuleBasedStateMachine):
         assert stats.free == 0 or stats.waiting == 0
 
     @invariant()
-    def generations_only_grow(self) -> None:
-        now = [s.generation for s in self.ctx._pool.slots()]
-        assert all(a <= b for a, b in zip(self.generations, now, strict=True))
-        self.generations = now
+    def lease_numbers_only_grow(self) -> None:
+        now = [s.lease_number for s in self.ctx._pool.slots()]
+        assert all(a <= b for a, b in zip(self.lease_numbers, now, strict=True))
+        self.lease_numbers = now
 
     @invariant()
     def free_slots_have_empty_native_memory(self) -> None:

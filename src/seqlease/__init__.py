@@ -7,10 +7,6 @@ import logging
 from seqlease.chat.session import ChatSession
 from seqlease.context import Context
 from seqlease.detection import Capabilities, detect
-from seqlease.engine.job import Result
-from seqlease.engine.params import SamplingParams
-from seqlease.engine.stream import AsyncGeneration, Generation
-from seqlease.engine.text import trim_at_stop
 from seqlease.errors import (
     BackendUnavailableError,
     ContextClosedError,
@@ -26,16 +22,24 @@ from seqlease.errors import (
     SeqleaseError,
     SequenceBusyError,
     SequenceReleasedError,
+    SessionBusyError,
+    SessionReleasedError,
+    StreamInUseError,
     TooManyWaiters,
 )
 from seqlease.model_path import default_model_path
 from seqlease.pool import Holder, PoolStats
-from seqlease.sequence import Sequence
+from seqlease.request.job import Result
+from seqlease.request.params import SamplingParams, sanitize
+from seqlease.request.stream import AsyncGeneration, Generation
+from seqlease.request.text import trim_at_stop
+from seqlease.sequence import AsyncLease, Lease, Sequence
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncGeneration",
+    "AsyncLease",
     "BackendUnavailableError",
     "Capabilities",
     "ChatSession",
@@ -47,6 +51,7 @@ __all__ = [
     "Generation",
     "Holder",
     "InvalidSequenceError",
+    "Lease",
     "LeaseLeakWarning",
     "MissingSequenceError",
     "ModelLoadError",
@@ -59,10 +64,14 @@ __all__ = [
     "Sequence",
     "SequenceBusyError",
     "SequenceReleasedError",
+    "SessionBusyError",
+    "SessionReleasedError",
+    "StreamInUseError",
     "TooManyWaiters",
     "__version__",
     "default_model_path",
     "detect",
+    "sanitize",
     "trim_at_stop",
 ]
 

@@ -10,16 +10,18 @@ from typing import Any, Literal
 
 from typing_extensions import Self
 
-from seqlease.backends.base import Backend
+from seqlease.backends.base import Backend, BackendInfo
 from seqlease.backends.completion import CompletionBackend
 from seqlease.backends.session import SessionBackend
 from seqlease.chat.template import USER_TURN_MARKERS
+from seqlease.checks import check_int, check_text, check_timeout, describe
 from seqlease.detection import Capabilities, detect
 from seqlease.errors import BackendUnavailableError, EmptyPromptError
 from seqlease.model_path import default_model_path
 from seqlease.native.library import load_library
 from seqlease.pool import PoolStats, SequencePool, Slot
 from seqlease.pool.origin import caller_origin
+from seqlease.request.params import sanitize
 from seqlease.sequence import AsyncLease, Lease, Sequence
 
 __all__ = ["MAX_SEQUENCES", "Context"]
@@ -64,15 +66,28 @@ class Context:
             BackendUnavailableError: the requested backend cannot run on this binding.
 
         """
-        _check_int("sequences", sequences, 1, MAX_SEQUENCES)
-        _check_int("n_ctx", n_ctx, 8, 1 << 20)
-        _check_int("n_batch", n_batch, 1, 1 << 16)
+        check_int("sequences", sequences, 1, MAX_SEQUENCES)
+        check_int("n_ctx", n_ctx, 8, 1 << 20)
+        check_int("n_batch", n_batch, 1, 1 << 16)
+        if n_batch < sequences:
+            # llama.cpp sizes its output buffer by n_batch and aborts the process
+            # (GGML_ASSERT n_outputs_max) when a step has one output per sequence more.
+            raise ValueError(
+                f"n_batch must be >= sequences: a step decodes one token of every sequence, "
+                f"so n_batch={n_batch} cannot serve sequences={sequences}; raise n_batch"
+            )
         if n_threads is not None:
-            _check_int("n_threads", n_threads, 1, 1024)
+            check_int("n_threads", n_threads, 1, 1024)
         if max_waiting is not None:
-            _check_int("max_waiting", max_waiting, 0, 1 << 30)
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, not {backend!r}")
+            check_int("max_waiting", max_waiting, 0, 1 << 30)
+        if not isinstance(backend, str) or backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, not {describe(backend)}")
+        if model_path is not None and not isinstance(model_path, (str, os.PathLike)):
+            raise TypeError(
+                f"model_path must be a str, an os.PathLike or None, not {describe(model_path)}"
+            )
+        if isinstance(model_path, str):
+            check_text("model_path", model_path)
         self.capabilities: Capabilities = detect()
         chosen = self._choose_backend(backend)
         self.model_path = os.fspath(model_path if model_path is not None else default_model_path())
@@ -82,8 +97,7 @@ class Context:
             "n_batch": n_batch,
             "n_threads": n_threads or default_threads(),
         }
-        #: What generations run on: the ``"session"`` or the ``"completion"`` backend.
-        self.backend: Backend = (
+        self._backend: Backend = (
             SessionBackend(load_library(), self.model_path, **options)
             if chosen == "session"
             else CompletionBackend(self.model_path, **options)
@@ -97,15 +111,17 @@ class Context:
         )
         self.sequences = sequences
         self.n_ctx = n_ctx
+        #: Which backend generations run on (``.name``: ``"session"`` or ``"completion"``).
+        self.backend = BackendInfo(chosen)
         self._pool = SequencePool(
             sequences,
-            clear=self.backend.clear_sequence,
+            clear=self._backend.clear_sequence,
             max_waiting=max_waiting,
-            on_idle_after_close=self.backend.close,
+            on_idle_after_close=self._backend.close,
         )
         # A Context dropped without close(): free native memory once nothing refers to it
         # (every live lease holds a reference, so no lease can be out by then).
-        self._finalizer = weakref.finalize(self, self.backend.close)
+        self._finalizer = weakref.finalize(self, self._backend.close)
 
     def _choose_backend(self, requested: str) -> str:
         """Pick the backend by feature detection; a forced one must be supported."""
@@ -141,19 +157,19 @@ class Context:
             ContextClosedError: the context is closed.
 
         """
-        slot, generation = self._pool.acquire(timeout, caller_origin())
-        return self._handle(slot, generation)
+        slot, lease_number = self._pool.acquire(timeout, caller_origin())
+        return self._handle(slot, lease_number)
 
     async def aacquire(self, timeout: float | None = None) -> Sequence:
         """Async :meth:`acquire`: waits without blocking the event loop; cancellation-safe."""
-        slot, generation = await self._pool.aacquire(timeout, caller_origin())
-        return self._handle(slot, generation)
+        slot, lease_number = await self._pool.aacquire(timeout, caller_origin())
+        return self._handle(slot, lease_number)
 
-    def _handle(self, slot: Slot, generation: int) -> Sequence:
+    def _handle(self, slot: Slot, lease_number: int) -> Sequence:
         try:
-            return Sequence(self, self._pool, slot, generation, slot.origin)
+            return Sequence(self, self._backend, self._pool, slot, lease_number, slot.origin)
         except BaseException:
-            if self._pool.begin_release(slot, generation):
+            if self._pool.begin_release(slot, lease_number):
                 self._pool.finish_release(slot)
             raise
 
@@ -162,14 +178,14 @@ class Context:
 
         ``with ctx.lease(timeout=0) as seq: ...``. Raises the same errors as :meth:`acquire`.
         """
-        return Lease(self, timeout)
+        return Lease(self, check_timeout(timeout))
 
     def alease(self, timeout: float | None = None) -> AsyncLease:
         """Async :meth:`lease`, safe against cancellation while waiting and inside the block.
 
         ``async with ctx.alease() as seq: ...``.
         """
-        return AsyncLease(self, timeout)
+        return AsyncLease(self, check_timeout(timeout))
 
     def complete(self, prompt: str, *, timeout: float | None = None, **sampling: Any) -> str:
         """Stateless completion of ``prompt`` ("Option C": no session, no memory kept).
@@ -181,12 +197,14 @@ class Context:
             EmptyPromptError: ``prompt`` is empty or whitespace only.
 
         """
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise EmptyPromptError(f"the prompt is empty: got {prompt!r}; send some text")
+        check_text("prompt", prompt)
+        if not prompt.strip():
+            raise EmptyPromptError(f"the prompt is empty: got {prompt!r:.40}; send some text")
         if sampling.get("stop") is None:
             sampling["stop"] = USER_TURN_MARKERS
+        params = sanitize(**sampling)  # before the lease: bad arguments never take a sequence
         with self.lease(timeout) as seq:
-            return seq.generate(prompt, **sampling).result().text
+            return seq.generate_with(prompt, params).result().text
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -233,11 +251,6 @@ class Context:
             f"<seqlease.Context {state} {self.backend.name} sequences={s.size} "
             f"leased={s.leased} waiting={s.waiting}>"
         )
-
-
-def _check_int(name: str, value: object, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an int in [{low}, {high}], not {value!r}")
 
 
 def default_threads() -> int:

@@ -10,23 +10,13 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from seqlease.native import names
 from seqlease.native.library import binding_version, load_library
 from seqlease.native.memory import MemoryApiName, resolve_memory_api
 
 __all__ = ["BackendName", "Capabilities", "detect", "detect_from"]
 
 BackendName = Literal["session", "completion"]
-
-# What the session backend calls besides the memory API, grouped by purpose. Each group is
-# satisfied when any one of its alternatives is bound (the names drifted between releases).
-_SESSION_NEEDS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("load a model", ("llama_model_load_from_file", "llama_load_model_from_file")),
-    ("create a context", ("llama_init_from_model", "llama_new_context_with_model")),
-    ("tokenize", ("llama_model_get_vocab",)),
-    ("batched decode", ("llama_batch_init",)),
-    ("read logits", ("llama_get_logits_ith",)),
-    ("sampler chains", ("llama_sampler_chain_init",)),
-)
 
 
 @dataclass(frozen=True)
@@ -35,7 +25,7 @@ class Capabilities:
 
     #: llama-cpp-python's version string, ``None`` when it is not installed.
     binding_version: str | None
-    #: Which per-sequence memory API generation is bound, ``None`` when none is complete.
+    #: Which per-sequence memory API family is bound, ``None`` when none is complete.
     memory_api: MemoryApiName | None
     #: The recommended backend, ``None`` when nothing can run.
     backend: BackendName | None
@@ -55,7 +45,7 @@ def detect_from(lib: Any, llama_class: Any, version: str | None) -> Capabilities
     """Decide from a module-shaped ``lib`` (``llama_cpp.llama_cpp``) and ``Llama`` class.
 
     Both may be ``None`` (not importable). Pure apart from reading attributes, so it can be
-    checked against fake shapes of binding generations that cannot be installed side by side.
+    checked against fake shapes of binding releases that cannot be installed side by side.
     """
     if lib is None:
         return Capabilities(
@@ -69,11 +59,7 @@ def detect_from(lib: Any, llama_class: Any, version: str | None) -> Capabilities
         )
     memory, reasons_t = resolve_memory_api(lib)
     reasons = list(reasons_t)
-    missing = [
-        f"{purpose} ({' or '.join(names)})"
-        for purpose, names in _SESSION_NEEDS
-        if not any(hasattr(lib, name) for name in names)
-    ]
+    missing = names.missing(lib, names.SESSION_NEEDS)
     params = getattr(lib, "llama_context_params", None)
     fields = {name for name, *_ in getattr(params, "_fields_", ())}
     if "n_seq_max" not in fields:

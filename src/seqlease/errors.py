@@ -20,6 +20,9 @@ __all__ = [
     "SeqleaseError",
     "SequenceBusyError",
     "SequenceReleasedError",
+    "SessionBusyError",
+    "SessionReleasedError",
+    "StreamInUseError",
     "TooManyWaiters",
 ]
 
@@ -46,6 +49,22 @@ class SequenceBusyError(SeqleaseError):
 
 class MissingSequenceError(SeqleaseError, TypeError):
     """A session was built without a live, leased sequence."""
+
+
+class SessionReleasedError(SequenceReleasedError, MissingSequenceError):
+    """A :class:`~seqlease.ChatSession` was used after its lease ended.
+
+    Both a :class:`SequenceReleasedError` (the handle is stale) and a
+    :class:`MissingSequenceError` (the session has no live sequence), so either ``except`` works.
+    """
+
+
+class SessionBusyError(SeqleaseError, RuntimeError):
+    """A new turn was started while a stream of the same chat session is still open."""
+
+
+class StreamInUseError(SeqleaseError, RuntimeError):
+    """A second reader iterated a reply stream that another thread or task is reading."""
 
 
 class ContextClosedError(SeqleaseError):

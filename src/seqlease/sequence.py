@@ -12,12 +12,16 @@ from typing import TYPE_CHECKING
 
 from typing_extensions import Unpack
 
-from seqlease.engine.job import Event, Job
-from seqlease.engine.params import SamplingKwargs, SamplingParams, sanitize
-from seqlease.engine.stream import AsyncGeneration, Generation
+from seqlease.checks import check_callable, describe
 from seqlease.errors import SequenceReleasedError
+from seqlease.loop_bridge import wake_from_thread
+from seqlease.request.job import Channel, Job
+from seqlease.request.params import SamplingKwargs, SamplingParams, sanitize
+from seqlease.request.prompt import prompt_tokens
+from seqlease.request.stream import AsyncGeneration, Generation
 
 if TYPE_CHECKING:
+    from seqlease.backends.base import Backend
     from seqlease.context import Context
     from seqlease.pool import SequencePool, Slot
 
@@ -37,23 +41,32 @@ class Sequence:
 
     __slots__ = (
         "__weakref__",
+        "_backend",
         "_closers",
         "_context",
         "_finalizer",
-        "_generation",
+        "_lease_number",
         "_pool",
         "_slot",
     )
 
     def __init__(
-        self, context: Context, pool: SequencePool, slot: Slot, generation: int, origin: str
+        self,
+        context: Context,
+        backend: Backend,
+        pool: SequencePool,
+        slot: Slot,
+        lease_number: int,
+        origin: str,
     ) -> None:
+        """Internal: :meth:`Context.acquire` makes handles."""
         self._context = context
+        self._backend = backend
         self._pool = pool
         self._slot = slot
-        self._generation = generation
+        self._lease_number = lease_number
         self._closers: list[Callable[[], None]] = []
-        self._finalizer = weakref.finalize(self, pool.handle_lost, slot, generation, origin)
+        self._finalizer = weakref.finalize(self, pool.handle_lost, slot, lease_number, origin)
 
     @property
     def id(self) -> int:
@@ -68,19 +81,19 @@ class Sequence:
     @property
     def released(self) -> bool:
         """Whether this handle has been released (or reclaimed)."""
-        return not self._pool.is_current(self._slot, self._generation)
+        return not self._pool.is_current(self._slot, self._lease_number)
 
     @property
     def n_tokens(self) -> int:
         """Tokens currently held in this sequence's KV memory."""
         self.check()
-        return self._context.backend.n_tokens(self._slot.seq_id)
+        return self._backend.n_tokens(self._slot.seq_id)
 
     def check(self) -> None:
         """Raise :class:`SequenceReleasedError` unless this handle still owns its sequence."""
-        if not self._pool.is_current(self._slot, self._generation):
+        if not self._pool.is_current(self._slot, self._lease_number):
             raise SequenceReleasedError(
-                f"sequence {self._slot.seq_id} (lease #{self._generation}) was released; "
+                f"sequence {self._slot.seq_id} (lease #{self._lease_number}) was released; "
                 "lease a new one with `with ctx.lease() as seq:`"
             )
 
@@ -120,8 +133,8 @@ class Sequence:
         abort: threading.Event | None = None,
     ) -> Generation:
         """:meth:`generate` with ready-made :class:`SamplingParams`."""
-        tokens = self._tokens(prompt)
-        return Generation(lambda emit: self._start(tokens, params, abort, emit))
+        tokens = self._check_request(prompt, params, abort)
+        return Generation(lambda channel: self._start(tokens, params, abort, channel))
 
     def agenerate(
         self,
@@ -132,7 +145,8 @@ class Sequence:
     ) -> AsyncGeneration:
         """Async :meth:`generate`: ``async for chunk in seq.agenerate(...)``.
 
-        Cancelling the task that iterates stops this sequence's generation within one step.
+        Cancelling the task that iterates, leaving the loop early, or dropping the object
+        stops this sequence's generation within one step.
         """
         return self.agenerate_with(prompt, sanitize(**sampling), abort=abort)
 
@@ -144,27 +158,34 @@ class Sequence:
         abort: threading.Event | None = None,
     ) -> AsyncGeneration:
         """:meth:`agenerate` with ready-made :class:`SamplingParams`."""
-        tokens = self._tokens(prompt)
-        return AsyncGeneration(lambda emit: self._start(tokens, params, abort, emit))
+        tokens = self._check_request(prompt, params, abort)
+        return AsyncGeneration(lambda channel: self._start(tokens, params, abort, channel))
 
-    def _tokens(self, prompt: str | list[int]) -> list[int]:
+    def _check_request(self, prompt: object, params: object, abort: object) -> list[int]:
+        """Everything about a request that can be wrong, checked before anything is queued."""
         self.check()
-        if isinstance(prompt, str):
-            return self._context.backend.model.tokenize(prompt)
-        return list(prompt)
+        if not isinstance(params, SamplingParams):
+            raise TypeError(
+                f"params must be SamplingParams (from seqlease.sanitize), not {describe(params)}"
+            )
+        if abort is not None:
+            check_callable("abort", abort, "is_set")
+        return prompt_tokens(prompt, self._backend.model)
 
     def _start(
         self,
         tokens: list[int],
         params: SamplingParams,
         abort: threading.Event | None,
-        emit: Callable[[Event], None],
+        channel: Channel,
     ) -> Job:
         self.check()
-        return self._context.backend.generate(self._slot.seq_id, tokens, params, abort, emit)
+        return self._backend.generate(self._slot.seq_id, tokens, params, abort, channel)
 
     def add_closer(self, close: Callable[[], None]) -> None:
         """Run ``close`` when the lease ends, before the memory is cleared (newest first)."""
+        if not callable(close):
+            raise TypeError(f"close must be callable, not {describe(close)}")
         self.check()
         self._closers.append(close)
 
@@ -178,7 +199,7 @@ class Sequence:
 
         Idempotent: a second call on the same handle does nothing (it is counted in stats).
         """
-        if not self._pool.begin_release(self._slot, self._generation):
+        if not self._pool.begin_release(self._slot, self._lease_number):
             return
         self._finalizer.detach()
         try:
@@ -193,7 +214,7 @@ class Sequence:
 
     def __repr__(self) -> str:
         state = "released" if self.released else "leased"
-        return f"<seqlease.Sequence id={self.id} lease=#{self._generation} {state}>"
+        return f"<seqlease.Sequence id={self.id} lease=#{self._lease_number} {state}>"
 
 
 class Lease:
@@ -245,6 +266,25 @@ class AsyncLease:
         tb: TracebackType | None,
     ) -> None:
         if self._seq is not None:
-            # Releasing may wait for the engine to finish a step: do it off the event loop.
-            # If this task is cancelled meanwhile, the release still completes in the thread.
-            await asyncio.get_running_loop().run_in_executor(None, self._seq.release)
+            await release_off_loop(self._seq)
+
+
+async def release_off_loop(seq: Sequence) -> None:
+    """Release ``seq`` without blocking the event loop; it completes even if we are cancelled.
+
+    Releasing may wait for the engine to finish a step, so it runs on a thread of its own:
+    not the loop's default executor, where queued work is dropped when the awaiting task is
+    cancelled, and which may be busy with the application's own blocking calls.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def release() -> None:
+        try:
+            seq.release()
+        finally:
+            wake_from_thread(loop, done)
+
+    # Not a daemon: an exiting interpreter finishes the release (one engine step at most).
+    threading.Thread(target=release, name=f"seqlease-release-{seq.id}").start()
+    await asyncio.shield(done)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
-from seqlease.engine.job import Event, Job
-from seqlease.engine.params import SamplingParams
-from seqlease.errors import ContextOverflowError
+from seqlease.request.job import Channel, Job
+from seqlease.request.params import SamplingParams
 
-__all__ = ["Backend", "ModelInfo", "check_prompt"]
+__all__ = ["Backend", "BackendInfo", "ModelInfo"]
 
 
 class ModelInfo(Protocol):
@@ -41,10 +40,6 @@ class ModelInfo(Protocol):
         """Bytes of one token."""
         ...
 
-    def check_token(self, token: int) -> None:
-        """Raise ``ValueError`` for an id outside the vocabulary."""
-        ...
-
     def chat_template(self) -> str | None:
         """The GGUF ``tokenizer.chat_template``, if any."""
         ...
@@ -61,15 +56,20 @@ class Backend(Protocol):
         """The loaded model's tokenizer and metadata."""
         ...
 
+    @property
+    def freed(self) -> bool:
+        """Whether the native memory has been freed."""
+        ...
+
     def generate(
         self,
         seq_id: int,
         prompt: list[int],
         params: SamplingParams,
         abort: threading.Event | None,
-        emit: Callable[[Event], None],
+        channel: Channel,
     ) -> Job:
-        """Start one generation for ``seq_id``; its events go to ``emit``."""
+        """Start one generation for ``seq_id``; its text and end go to ``channel``."""
         ...
 
     def clear_sequence(self, seq_id: int) -> None:
@@ -85,21 +85,9 @@ class Backend(Protocol):
         ...
 
 
-def check_prompt(prompt: list[int], n_ctx: int, model: ModelInfo) -> None:
-    """Reject, before any native call, a prompt no backend can run.
+@dataclass(frozen=True)
+class BackendInfo:
+    """Which backend a :class:`~seqlease.Context` runs on (read-only: generate via leases)."""
 
-    Raises:
-        ValueError: the prompt is empty or holds a token outside the vocabulary.
-        ContextOverflowError: it leaves no room for a reply in ``n_ctx`` tokens.
-
-    """
-    if not prompt:
-        raise ValueError("a prompt must have at least one token")
-    if len(prompt) >= n_ctx:
-        raise ContextOverflowError(
-            f"the prompt has {len(prompt)} tokens but a sequence holds n_ctx={n_ctx} "
-            "tokens, and at least one must be left for the reply: shorten the prompt or "
-            "create the Context with a larger n_ctx"
-        )
-    for token in prompt:
-        model.check_token(token)
+    #: ``"session"`` (batched, multi-sequence) or ``"completion"`` (``llama_cpp.Llama``).
+    name: str

@@ -16,32 +16,28 @@ same UTF-8 handling, same stop strings held back across chunks, same finish reas
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import os
 import random
 import re
 import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from seqlease.backends.base import check_prompt
-from seqlease.backends.lifetime import NativeLifetime
-from seqlease.engine.job import Event, FinishReason, Job
-from seqlease.engine.params import SamplingParams
+from seqlease.backends.worker import JobWorker
 from seqlease.errors import (
-    ContextClosedError,
     DecodeError,
     InvalidSequenceError,
     ModelLoadError,
     NativeError,
     SeqleaseError,
-    SequenceBusyError,
 )
 from seqlease.model_path import check_model_file
 from seqlease.native.library import load_library
 from seqlease.native.model import NativeModel
+from seqlease.request.job import Channel, FinishReason, Job
+from seqlease.request.params import SamplingParams
+from seqlease.request.prompt import check_prompt
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -54,12 +50,12 @@ logger = logging.getLogger("seqlease.engine")
 _DECODE_FAILED = re.compile(r"llama_decode returned (-?\d+)")
 
 
-class CompletionBackend:
+class CompletionBackend(JobWorker):
     """Runs generations through one ``llama_cpp.Llama`` on one worker thread, FIFO.
 
     Same interface as :class:`~seqlease.backends.session.SessionBackend`. Generations of
-    different leased sequences do not share decode steps here: they wait their turn. ``guard``
-    is held by the worker for the whole of each generation; hold it to touch ``llama``.
+    different leased sequences do not share decode steps here: they wait their turn. The
+    worker holds the guard for the whole of each generation; hold it to touch ``llama``.
     """
 
     name = "completion"
@@ -107,31 +103,23 @@ class CompletionBackend:
                 "is damaged, too large for memory, or uses an architecture this "
                 f"llama-cpp-python build does not know (see logger 'seqlease.llama'): {exc}"
             ) from exc
-        #: The ``llama_cpp.Llama``; not thread-safe: touch it only while holding ``guard``.
+        super().__init__("seqlease-completion")
+        #: The ``llama_cpp.Llama``; not thread-safe: touch it only while holding the guard.
         self.llama: Llama = llama
         try:
             self.model = NativeModel.borrow(lib, llama.model, path)
         except BaseException:
             llama.close()
             raise
-        #: Serializes every use of ``llama`` (held by the worker for a whole generation).
-        self.guard = threading.RLock()
         self.sequences = sequences
         #: Tokens a prompt plus its reply may use (``Llama`` may round its own context up).
         self.n_ctx = n_ctx
         # Partial KV removal fails on recurrent and hybrid models: Llama then evaluates the
         # whole prompt again, and n_evaluated must say so.
         self._partial_rm = not self.model.is_recurrent()
-        self._cond = threading.Condition()
-        self._queue: collections.deque[Job] = collections.deque()
-        self._by_seq: dict[int, Job] = {}  # queued or running, by sequence
-        self._running: Job | None = None
-        self._stopping = False
-        self.lifetime = NativeLifetime(self.guard, self._free)
         #: Jobs the worker has taken from the queue and ended (any way), for tests and stats.
         self.completed = 0
-        self.thread = threading.Thread(target=self._serve, name="seqlease-completion", daemon=True)
-        self.thread.start()
+        self._start()
 
     # -- caller side ------------------------------------------------------------------------
 
@@ -141,33 +129,22 @@ class CompletionBackend:
         prompt: list[int],
         params: SamplingParams,
         abort: threading.Event | None,
-        emit: Callable[[Event], None],
+        channel: Channel,
     ) -> Job:
-        """Queue one generation for ``seq_id``; events go to ``emit`` from the worker thread.
+        """Queue one generation for ``seq_id``; its text and end go to ``channel``.
 
-        Raises at once, before anything runs: ``ValueError`` for an empty prompt or a token
-        outside the vocabulary, :class:`ContextOverflowError` when the prompt leaves no room
-        for a reply, :class:`SequenceBusyError` when ``seq_id`` is already generating, and
-        :class:`ContextClosedError` after :meth:`close`.
+        Raises at once, before anything runs: :class:`ContextOverflowError` when the prompt
+        leaves no room for a reply, :class:`SequenceBusyError` when ``seq_id`` is already
+        generating, and :class:`ContextClosedError` after :meth:`close`.
         """
         if not 0 <= seq_id < self.sequences:
             raise InvalidSequenceError(
                 f"sequence id {seq_id} is outside [0, {self.sequences}): lease a sequence "
                 "from the context instead of making up an id"
             )
-        check_prompt(prompt, self.n_ctx, self.model)
-        job = Job(seq_id, prompt, params, emit, abort)
-        with self._cond:
-            if self._stopping:
-                raise ContextClosedError("the context is closed")
-            if seq_id in self._by_seq:
-                raise SequenceBusyError(
-                    f"sequence {seq_id} is already generating: wait for that reply (or "
-                    "cancel it) before starting another on the same sequence"
-                )
-            self._by_seq[seq_id] = job
-            self._queue.append(job)
-            self._cond.notify_all()
+        check_prompt(prompt, self.n_ctx)
+        job = Job(seq_id, prompt, params, channel, abort)
+        self.submit(job)
         return job
 
     def clear_sequence(self, seq_id: int) -> None:
@@ -175,19 +152,7 @@ class CompletionBackend:
 
         There is nothing else to clear: no tokens are kept per sequence.
         """
-        with self._cond:
-            job = self._by_seq.get(seq_id)
-            if job is None:
-                return
-            job.cancel()
-            queued = job is not self._running
-            if queued:  # never started: end it here rather than wait behind other jobs
-                self._queue.remove(job)
-                del self._by_seq[seq_id]
-        if queued:
-            job.finish("cancelled")
-        elif threading.current_thread() is not self.thread:
-            job.done.wait()
+        self.stop_sequence(seq_id)
 
     def n_tokens(self, seq_id: int) -> int:
         """Always 0: the completion backend keeps no tokens per sequence.
@@ -197,25 +162,6 @@ class CompletionBackend:
         """
         return 0
 
-    def close(self) -> None:
-        """Cancel queued and running generations, stop the worker, free the ``Llama``.
-
-        Idempotent. When called on the worker thread itself (a finalizer during garbage
-        collection), the ``Llama`` is freed as the thread exits instead.
-        """
-        with self._cond:
-            self._stopping = True
-            queued = list(self._queue)
-            self._queue.clear()
-            for job in queued:
-                self._by_seq.pop(job.seq_id, None)
-            if self._running is not None:
-                self._running.cancel()
-            self._cond.notify_all()
-        for job in queued:
-            job.finish("cancelled")
-        self.lifetime.free_after(self.thread)
-
     def _free(self) -> None:
         self.model.close()
         self.llama.close()
@@ -223,59 +169,28 @@ class CompletionBackend:
     # -- worker thread ----------------------------------------------------------------------
 
     def _serve(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    while not (self._queue or self._stopping):
-                        self._cond.wait()
-                    if not self._queue:  # stopping (close() emptied the queue)
-                        break
-                    job = self._queue.popleft()
-                    self._running = job
-                try:
-                    self._run(job)
-                finally:
-                    with self._cond:
-                        self._running = None
-                        self.completed += 1
-                        self._cond.notify_all()
-        except BaseException:  # a bug in the loop itself: end every waiting job, never hang one
-            logger.exception("the completion worker stopped")
-            with self._cond:
-                self._stopping = True
-                orphans = list(self._queue)
-                self._queue.clear()
-                self._by_seq.clear()
-            for job in orphans:
-                job.fail(NativeError("the completion worker stopped after an error"))
-        finally:
-            self.lifetime.thread_exited()
+        while (taken := self._jobs.take(wait=True, limit=1)) is not None:
+            for job in taken:
+                self._run(job)
+                self.completed += 1
 
     def _run(self, job: Job) -> None:
         """Run one job to its end; never raises, always ends the job."""
         reason: FinishReason = "cancelled"
-        error: SeqleaseError | None = None
         try:
             if not job.should_stop():
-                with self.guard:
+                with self._guard:
                     reason = self._generate(job)
-        except BaseException as exc:  # a native failure or a bug: fail this job, keep serving
+        except Exception as exc:  # a native failure or a bug: fail this job, keep serving
             logger.warning("completion for sequence %d failed: %r", job.seq_id, exc)
-            error = _map_error(exc, job.seq_id)
-            with self.guard, contextlib.suppress(Exception):
+            with self._guard, contextlib.suppress(Exception):
                 # The prefix bookkeeping may not match the KV cache after a failed decode:
                 # the next generation evaluates its whole prompt.
                 llama: Any = self.llama  # reset() is unannotated in llama-cpp-python
                 llama.reset()
-        # Forget the job before its consumer hears the end: a reply that starts the next
-        # generation on the same sequence at once must not find it busy.
-        with self._cond:
-            if self._by_seq.get(job.seq_id) is job:
-                del self._by_seq[job.seq_id]
-        if error is not None:
-            job.fail(error)
-        else:
-            job.finish(reason)
+            self._fail(job, _map_error(exc, job.seq_id), "generating")
+            return
+        self._finish(job, reason)
 
     def _generate(self, job: Job) -> FinishReason:
         """Under the guard: stream one reply into ``job`` and return why it ended."""

@@ -4,28 +4,22 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
 from types import ModuleType
 
-from seqlease.backends.base import check_prompt
-from seqlease.backends.lifetime import NativeLifetime
 from seqlease.engine.engine import Engine
-from seqlease.engine.job import Event, Job
-from seqlease.engine.params import SamplingParams
 from seqlease.errors import BackendUnavailableError
 from seqlease.native.context import NativeContext
 from seqlease.native.memory import resolve_memory_api
 from seqlease.native.model import NativeModel
+from seqlease.request.job import Channel, Job
+from seqlease.request.params import SamplingParams
+from seqlease.request.prompt import check_prompt
 
 __all__ = ["SessionBackend"]
 
 
 class SessionBackend:
-    """Owns the native model and context; every native call on the context holds ``guard``.
-
-    llama.cpp allows one thread per context at a time, so the guard is what makes it safe to
-    clear one sequence from a releasing thread while another sequence is in use.
-    """
+    """Loads the model and the context, and hands both to the :class:`Engine` that owns them."""
 
     name = "session"
 
@@ -43,10 +37,9 @@ class SessionBackend:
         memory, reasons = resolve_memory_api(lib)
         if memory is None:
             raise BackendUnavailableError("; ".join(reasons))
-        self.guard = threading.RLock()
         self.model = NativeModel(lib, model_path)
         try:
-            self.native = NativeContext(
+            native = NativeContext(
                 lib,
                 self.model,
                 memory,
@@ -58,10 +51,8 @@ class SessionBackend:
         except BaseException:
             self.model.close()
             raise
-        self._lib = lib
-        self.lifetime = NativeLifetime(self.guard, self._free)
-        self.engine = Engine(lib, self.native, self.guard)
-        self.engine.on_exit = self.lifetime.thread_exited
+        self.n_ctx = native.n_ctx_seq
+        self.engine = Engine(lib, native)
 
     def generate(
         self,
@@ -69,36 +60,27 @@ class SessionBackend:
         prompt: list[int],
         params: SamplingParams,
         abort: threading.Event | None,
-        emit: Callable[[Event], None],
+        channel: Channel,
     ) -> Job:
-        """Submit one generation on ``seq_id`` (already validated); events go to ``emit``."""
-        check_prompt(prompt, self.native.n_ctx_seq, self.model)
-        job = Job(seq_id, prompt, params, emit, abort)
+        """Submit one generation on ``seq_id`` (already validated); its text goes to ``channel``."""
+        check_prompt(prompt, self.n_ctx)
+        job = Job(seq_id, prompt, params, channel, abort)
         self.engine.submit(job)
         return job
 
     def clear_sequence(self, seq_id: int) -> None:
         """Stop the sequence's generation, then remove every token from its KV memory."""
-        self.engine.cancel_sequence(seq_id)
-        with self.guard:
-            if not self.lifetime.freed:
-                self.native.seq_rm(seq_id)
-                self.engine.tokens[seq_id].clear()
+        self.engine.clear_sequence(seq_id)
 
     def n_tokens(self, seq_id: int) -> int:
         """Tokens a sequence holds, as llama.cpp reports it (highest position + 1)."""
-        with self.guard:
-            return self.native.seq_pos_max(seq_id) + 1
+        return self.engine.n_tokens(seq_id)
+
+    @property
+    def freed(self) -> bool:
+        """Whether the native memory has been freed."""
+        return self.engine.freed
 
     def close(self) -> None:
-        """Stop the engine, then free the context and the model; idempotent.
-
-        Never frees under a running step: the engine thread is joined first, or, when this
-        runs on that very thread (a finalizer during garbage collection), it frees on exit.
-        """
-        self.engine.stop()
-        self.lifetime.free_after(self.engine.thread)
-
-    def _free(self) -> None:
-        self.native.close()
-        self.model.close()
+        """Stop the engine, then free the context and the model; idempotent."""
+        self.engine.close()

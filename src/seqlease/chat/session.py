@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 from collections.abc import AsyncGenerator, Generator
 from typing import Any
 
 from seqlease.chat.template import USER_TURN_MARKERS, ChatTemplate
-from seqlease.engine.job import Result
-from seqlease.engine.params import SamplingParams, sanitize
-from seqlease.errors import EmptyPromptError, MissingSequenceError
+from seqlease.chat.turns import TurnGuard
+from seqlease.checks import check_text
+from seqlease.errors import EmptyPromptError, MissingSequenceError, SessionReleasedError
+from seqlease.request.job import Result
+from seqlease.request.params import SamplingParams, sanitize
 from seqlease.sequence import Sequence
 
 __all__ = ["ChatSession"]
@@ -25,7 +25,7 @@ def _require_live_sequence(seq: object) -> Sequence:
     """The founding bug was a session without a sequence: refuse to build one."""
     if isinstance(seq, Sequence):
         if seq.released:
-            raise MissingSequenceError(
+            raise SessionReleasedError(
                 f"sequence {seq.id} was already released, so a session cannot use it: {_FIX}"
             )
         return seq
@@ -45,18 +45,21 @@ class ChatSession:
 
     The sequence keeps the conversation in its KV memory, so each turn evaluates only the new
     tokens. When the lease ends the session is closed first, then the sequence is cleared and
-    released. Two prompts on one session are served one after the other, never interleaved.
+    released. Whole-reply calls from several threads or tasks take turns; a new turn while a
+    stream of this session is still open raises :class:`SessionBusyError`.
     """
 
     def __init__(self, seq: Sequence, *, system_prompt: str | None = None) -> None:
         """Bind to ``seq``; raises :class:`MissingSequenceError` without a live sequence."""
         self._seq = _require_live_sequence(seq)
-        self._template = ChatTemplate.from_model(seq.context.backend.model)
+        if system_prompt is not None:
+            check_text("system_prompt", system_prompt)
+        self._model = seq._backend.model
+        self._template = ChatTemplate.from_model(self._model)
         self._history: list[dict[str, str]] = []
         if system_prompt:
             self._history.append({"role": "system", "content": system_prompt})
-        self._turn = threading.Lock()  # sync callers take turns
-        self._aturn: asyncio.Lock | None = None  # async callers take turns (per event loop)
+        self._turns = TurnGuard()
         self._closed = False
         #: The last reply's numbers (tokens evaluated and generated, time), once there is one.
         self.last_result: Result | None = None
@@ -92,15 +95,29 @@ class ChatSession:
 
         Raises:
             EmptyPromptError: ``text`` is empty or whitespace only.
-            MissingSequenceError: the session's lease has ended.
+            SessionReleasedError: the session's lease has ended (a ``MissingSequenceError``).
+            SessionBusyError: a stream of this session is still open.
 
         """
-        return "".join(self.stream(text, **sampling))
+        return "".join(self._turn(text, sampling, streaming=False))
 
     def stream(self, text: str, **sampling: Any) -> Generator[str, None, None]:
-        """Like :meth:`prompt`, yielding the reply in chunks as it is generated."""
-        tokens, params = self._prepare(text, sampling)
-        with self._turn:
+        """Like :meth:`prompt`, yielding the reply in chunks as it is generated.
+
+        Close the stream (or read it to the end) before the next turn.
+        """
+        return self._turn(text, sampling, streaming=True)
+
+    def _turn(
+        self, text: str, sampling: dict[str, Any], *, streaming: bool
+    ) -> Generator[str, None, None]:
+        tokens, params = self._prepare(text, sampling)  # raises at the call, not at next()
+        return self._run_turn(text, tokens, params, streaming)
+
+    def _run_turn(
+        self, text: str, tokens: list[int], params: SamplingParams, streaming: bool
+    ) -> Generator[str, None, None]:
+        with self._turns.turn(streaming=streaming):
             gen = self._seq.generate_with(tokens, params)
             with gen:
                 yield from gen
@@ -108,14 +125,19 @@ class ChatSession:
 
     async def aprompt(self, text: str, **sampling: Any) -> str:
         """Async :meth:`prompt`."""
-        return "".join([chunk async for chunk in self.astream(text, **sampling)])
+        tokens, params = self._prepare(text, sampling)
+        stream = self._arun_turn(text, tokens, params, streaming=False)
+        return "".join([chunk async for chunk in stream])
 
-    async def astream(self, text: str, **sampling: Any) -> AsyncGenerator[str, None]:
+    def astream(self, text: str, **sampling: Any) -> AsyncGenerator[str, None]:
         """Async :meth:`stream`; cancelling the task stops the reply within one step."""
         tokens, params = self._prepare(text, sampling)
-        if self._aturn is None:
-            self._aturn = asyncio.Lock()
-        async with self._aturn:
+        return self._arun_turn(text, tokens, params, streaming=True)
+
+    async def _arun_turn(
+        self, text: str, tokens: list[int], params: SamplingParams, *, streaming: bool
+    ) -> AsyncGenerator[str, None]:
+        async with self._turns.aturn(streaming=streaming):
             gen = self._seq.agenerate_with(tokens, params)
             try:
                 async for chunk in gen:
@@ -124,21 +146,22 @@ class ChatSession:
                 await gen.aclose()
             self._record(text, await gen.result())
 
-    def _prepare(self, text: str, sampling: dict[str, Any]) -> tuple[list[int], SamplingParams]:
+    def _prepare(self, text: object, sampling: dict[str, Any]) -> tuple[list[int], SamplingParams]:
         if self._closed or self._seq.released:
-            raise MissingSequenceError(
+            raise SessionReleasedError(
                 f"this session's sequence {self._seq.id} was released: {_FIX}"
             )
-        if not isinstance(text, str) or not text.strip():
-            raise EmptyPromptError(f"the prompt is empty: got {text!r}; send some text")
+        check_text("text", text)
+        assert isinstance(text, str)
+        if not text.strip():
+            raise EmptyPromptError(f"the prompt is empty: got {text!r:.40}; send some text")
         if sampling.get("stop") is None:
             sampling = {**sampling, "stop": USER_TURN_MARKERS + self._template.end_of_turn}
         params = sanitize(**sampling)  # unknown names raise TypeError, bad values ValueError
         rendered = self._template.render([*self._history, {"role": "user", "content": text}])
-        model = self._seq.context.backend.model
         bos = self._template.bos_token
         # A template that writes BOS itself must not get a second one from the tokenizer.
-        tokens = model.tokenize(rendered, add_special=not (bos and rendered.startswith(bos)))
+        tokens = self._model.tokenize(rendered, add_special=not (bos and rendered.startswith(bos)))
         return tokens, params
 
     def _record(self, text: str, result: Result) -> None:

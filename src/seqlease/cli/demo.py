@@ -36,8 +36,8 @@ from seqlease.cli.common import (
 
 if TYPE_CHECKING:
     from seqlease.context import Context
-    from seqlease.engine.job import Result
     from seqlease.pool.stats import PoolStats
+    from seqlease.request.job import Result
 
 __all__ = [
     "HELP",

@@ -11,9 +11,9 @@ from types import ModuleType
 from typing import Any
 
 from seqlease.errors import DecodeError, InvalidSequenceError, NativeError, SeqleaseError
-from seqlease.native.library import renamed
 from seqlease.native.memory import MemoryOps
 from seqlease.native.model import NativeModel
+from seqlease.native.names import bound
 
 __all__ = ["BatchEntry", "NativeContext"]
 
@@ -55,7 +55,7 @@ class NativeContext:
         params.n_seq_max = n_seq_max
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
-        create = renamed(lib, "llama_init_from_model", "llama_new_context_with_model")
+        create = bound(lib, "create a context")
         ptr = create(model.ptr, params)
         if not ptr:
             raise NativeError(
@@ -72,7 +72,7 @@ class NativeContext:
         # Our own budget: llama.cpp may round each stream up (to 256 cells), never down.
         self.n_ctx_seq = n_ctx_seq
         self._batch = lib.llama_batch_init(self.n_batch, 0, n_seq_max)
-        # The kv_cache generation has no seq_pos_max: track the highest position ourselves.
+        # The kv_cache family has no seq_pos_max: track the highest position ourselves.
         self._tracked_pos_max = [-1] * n_seq_max
 
     # -- validation -------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import threading
 from types import ModuleType
 from typing import Any
 
-__all__ = ["LLAMA_LOGGER", "binding_version", "load_library", "renamed"]
+__all__ = ["LLAMA_LOGGER", "binding_version", "load_library"]
 
 #: llama.cpp's own log lines go here. Quiet by default: the ``seqlease`` logger has a NullHandler.
 LLAMA_LOGGER = logging.getLogger("seqlease.llama")
@@ -88,11 +88,6 @@ def load_library() -> ModuleType:
                 lib.llama_log_set(_log_callback, None)
         _lib = lib
         return lib
-
-
-def renamed(lib: ModuleType, new: str, old: str) -> Any:
-    """The function ``new`` where the binding has it, else the older name it replaced."""
-    return getattr(lib, new, None) or getattr(lib, old)
 
 
 def _level_numbering() -> tuple[dict[int, int], int | None]:

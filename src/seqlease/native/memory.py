@@ -1,4 +1,4 @@
-"""Per-sequence memory operations, mapped onto whichever generation of names the binding has.
+"""Per-sequence memory operations, mapped onto whichever family of names the binding has.
 
 llama-cpp-python renamed these twice and dropped the old names each time (no aliases):
 
@@ -21,9 +21,9 @@ __all__ = ["MemoryApiName", "MemoryOps", "resolve_memory_api"]
 
 MemoryApiName = Literal["memory", "kv_self", "kv_cache"]
 
-# Every operation a generation must offer, by seqlease's name, in the names each generation uses.
-# ``None`` marks an operation the generation never had: seqlease tracks it in Python instead.
-_GENERATIONS: tuple[tuple[MemoryApiName, dict[str, tuple[str, ...] | None]], ...] = (
+# Every operation a family must offer, by seqlease's name, in the names each family uses.
+# ``None`` marks an operation the family never had: seqlease tracks it in Python instead.
+_FAMILIES: tuple[tuple[MemoryApiName, dict[str, tuple[str, ...] | None]], ...] = (
     (
         "memory",
         {
@@ -59,7 +59,7 @@ _GENERATIONS: tuple[tuple[MemoryApiName, dict[str, tuple[str, ...] | None]], ...
 
 @dataclass(frozen=True)
 class MemoryOps:
-    """Raw memory functions of one generation, each taking the *context* pointer first.
+    """Raw memory functions of one family, each taking the *context* pointer first.
 
     ``seq_pos_max`` is ``None`` where the binding never had it (``kv_cache``): the caller then
     tracks positions itself. Sequence ids are *not* validated here; that is the job of
@@ -83,13 +83,13 @@ def _first_bound(lib: Any, names: tuple[str, ...]) -> Callable[..., Any] | None:
 
 
 def resolve_memory_api(lib: Any) -> tuple[MemoryOps | None, tuple[str, ...]]:
-    """Pick the newest complete memory-API generation bound in ``lib``.
+    """Pick the newest complete memory-API family bound in ``lib``.
 
-    Returns the operations (``None`` when no generation is complete) and one human-readable
-    line per generation explaining why it was taken or passed over.
+    Returns the operations (``None`` when no family is complete) and one human-readable
+    line per family explaining why it was taken or passed over.
     """
     reasons: list[str] = []
-    for name, wanted in _GENERATIONS:
+    for name, wanted in _FAMILIES:
         found: dict[str, Callable[..., Any] | None] = {}
         missing: list[str] = []
         for op, candidates in wanted.items():
@@ -117,10 +117,10 @@ def _wrap(lib: Any, name: MemoryApiName, fns: dict[str, Callable[..., Any] | Non
         fns["seq_pos_max"],
     )
     if clear is None or seq_rm is None or seq_cp is None or seq_keep is None:
-        raise AssertionError("resolve_memory_api only wraps complete generations")
+        raise AssertionError("resolve_memory_api only wraps complete families")
     if name != "memory":
         return MemoryOps(name, clear, seq_rm, seq_cp, seq_keep, pos_max)
-    # The newest generation works on a memory handle, not the context; `clear` also takes a
+    # The newest family works on a memory handle, not the context; `clear` also takes a
     # flag saying whether to zero the data buffers (not needed to forget the tokens).
     mem = lib.llama_get_memory
     assert pos_max is not None

@@ -11,7 +11,7 @@ from typing import Any
 
 from seqlease.errors import ContextClosedError, ModelLoadError
 from seqlease.model_path import check_model_file
-from seqlease.native.library import renamed
+from seqlease.native.names import bound
 
 __all__ = ["NativeModel"]
 
@@ -33,7 +33,7 @@ class NativeModel:
         checked = check_model_file(path)
         params = lib.llama_model_default_params()
         params.n_gpu_layers = 0
-        load = renamed(lib, "llama_model_load_from_file", "llama_load_model_from_file")
+        load = bound(lib, "load a model")
         ptr = load(os.fsencode(checked), params)
         if not ptr:
             raise ModelLoadError(
@@ -59,13 +59,11 @@ class NativeModel:
         # the same calls took the model itself (llama-cpp-python 0.2.x, for one).
         get_vocab = getattr(lib, "llama_model_get_vocab", None)
         self._vocab: Any = get_vocab(ptr) if get_vocab is not None else ptr
-        self._is_eog = renamed(lib, "llama_vocab_is_eog", "llama_token_is_eog")
-        self.n_vocab: int = int(renamed(lib, "llama_vocab_n_tokens", "llama_n_vocab")(self._vocab))
-        self.n_ctx_train: int = int(
-            renamed(lib, "llama_model_n_ctx_train", "llama_n_ctx_train")(ptr)
-        )
-        self.bos: int = int(renamed(lib, "llama_vocab_bos", "llama_token_bos")(self._vocab))
-        self.eos: int = int(renamed(lib, "llama_vocab_eos", "llama_token_eos")(self._vocab))
+        self._is_eog = bound(lib, "end-of-generation test")
+        self.n_vocab: int = int(bound(lib, "vocabulary size")(self._vocab))
+        self.n_ctx_train: int = int(bound(lib, "training context size")(ptr))
+        self.bos: int = int(bound(lib, "BOS token")(self._vocab))
+        self.eos: int = int(bound(lib, "EOS token")(self._vocab))
         self._lock = threading.Lock()
 
     @property
@@ -167,6 +165,6 @@ class NativeModel:
         """Free the weights (a borrowed model is only forgotten); idempotent."""
         with self._lock:
             if self._ptr is not None and self._owned:
-                free = renamed(self._lib, "llama_model_free", "llama_free_model")
+                free = bound(self._lib, "free a model")
                 free(self._ptr)
             self._ptr = None

@@ -1,64 +1,72 @@
-"""A per-sequence llama.cpp sampler chain."""
+"""A per-sequence llama.cpp sampler chain, built one stage at a time."""
 
 from __future__ import annotations
 
 from types import ModuleType
 from typing import Any
 
+from typing_extensions import Self
+
 from seqlease.errors import SeqleaseError
 
-__all__ = ["NativeSampler"]
+__all__ = ["SamplerChain"]
 
 
-class NativeSampler:
-    """Penalties, top-k, top-p, min-p and temperature, then a seeded draw (or greedy at temp 0).
+class SamplerChain:
+    """One ``llama_sampler`` chain: add stages in order, then :meth:`sample` from logits.
 
-    Each sequence gets its own chain: the repeat penalty and the random state are per sequence.
+    Each sequence gets its own chain: the repeat-penalty history and the random state are per
+    sequence. Stage values must already be validated by the caller. The chain owns every stage
+    added to it; :meth:`close` frees them all.
     """
 
-    def __init__(
-        self,
-        lib: ModuleType,
-        *,
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        min_p: float,
-        repeat_penalty: float,
-        repeat_last_n: int,
-        seed: int,
-        n_vocab: int,
-    ) -> None:
-        """Build the chain. Values must already be validated by the caller."""
+    def __init__(self, lib: ModuleType) -> None:
+        """An empty chain."""
         self._lib = lib
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         if not chain:
             raise SeqleaseError("llama.cpp could not create a sampler chain")
         self._ptr: Any = chain
-        add = lib.llama_sampler_chain_add
-        # Penalties scan the candidates: after top-k they look at k tokens, not the vocabulary.
-        if top_k > 0 and temperature > 0.0:
-            add(chain, lib.llama_sampler_init_top_k(top_k))
-        if repeat_penalty != 1.0:
-            add(chain, self._penalties(n_vocab, repeat_last_n, repeat_penalty))
-        if temperature <= 0.0:
-            add(chain, lib.llama_sampler_init_greedy())
-            return
-        if top_p < 1.0:
-            add(chain, lib.llama_sampler_init_top_p(top_p, 1))
-        if min_p > 0.0:
-            add(chain, lib.llama_sampler_init_min_p(min_p, 1))
-        add(chain, lib.llama_sampler_init_temp(temperature))
-        add(chain, lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
 
-    def _penalties(self, n_vocab: int, last_n: int, penalty: float) -> Any:
+    def _add(self, stage: Any) -> Self:
+        if not stage:
+            raise SeqleaseError("llama.cpp could not create a sampler stage")
+        self._lib.llama_sampler_chain_add(self._ptr, stage)
+        return self
+
+    def top_k(self, k: int) -> Self:
+        """Keep the ``k`` most likely tokens."""
+        return self._add(self._lib.llama_sampler_init_top_k(k))
+
+    def top_p(self, p: float) -> Self:
+        """Keep the smallest set of tokens whose probabilities add up to ``p``."""
+        return self._add(self._lib.llama_sampler_init_top_p(p, 1))
+
+    def min_p(self, p: float) -> Self:
+        """Drop tokens less likely than ``p`` times the most likely one."""
+        return self._add(self._lib.llama_sampler_init_min_p(p, 1))
+
+    def temperature(self, t: float) -> Self:
+        """Scale the logits by ``1 / t``."""
+        return self._add(self._lib.llama_sampler_init_temp(t))
+
+    def greedy(self) -> Self:
+        """Pick the most likely token (the chain's last stage)."""
+        return self._add(self._lib.llama_sampler_init_greedy())
+
+    def draw(self, seed: int) -> Self:
+        """Draw from the distribution with a seeded generator (the chain's last stage)."""
+        return self._add(self._lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+
+    def penalties(self, n_vocab: int, last_n: int, penalty: float) -> Self:
+        """Penalise tokens seen in the last ``last_n`` (``penalty`` > 1 discourages repeats)."""
         init = self._lib.llama_sampler_init_penalties
         # The arity drifted: (last_n, repeat, freq, present) in 0.3.x up to at least 0.3.16,
         # with the vocabulary size in front again in the newest releases.
         if len(init.argtypes) == 4:
-            return init(last_n, penalty, 0.0, 0.0)
+            return self._add(init(last_n, penalty, 0.0, 0.0))
         if len(init.argtypes) == 5:
-            return init(n_vocab, last_n, penalty, 0.0, 0.0)
+            return self._add(init(n_vocab, last_n, penalty, 0.0, 0.0))
         raise SeqleaseError(
             "this llama-cpp-python's llama_sampler_init_penalties takes "
             f"{len(init.argtypes)} arguments; use repeat_penalty=1.0 or upgrade the binding"
@@ -73,7 +81,7 @@ class NativeSampler:
         self._lib.llama_sampler_accept(self._ptr, token)
 
     def close(self) -> None:
-        """Free the chain and every sampler in it; idempotent."""
+        """Free the chain and every stage in it; idempotent."""
         if self._ptr is not None:
             self._lib.llama_sampler_free(self._ptr)
             self._ptr = None

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
-import math
 import queue
 import threading
 import time
@@ -26,6 +25,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable
 
+from seqlease.checks import check_timeout
 from seqlease.errors import ContextClosedError, LeaseLeakWarning, PoolExhausted, TooManyWaiters
 from seqlease.pool.slot import Slot, SlotState
 from seqlease.pool.stats import Holder, PoolStats
@@ -77,7 +77,7 @@ class SequencePool:
 
     def acquire(self, timeout: float | None, origin: str) -> tuple[Slot, int]:
         """Lease a slot from a thread, waiting up to ``timeout`` seconds (``None``: forever)."""
-        _check_timeout(timeout)
+        timeout = check_timeout(timeout)
         self._drain_reclaims()
         with self._lock:
             got = self._admit(timeout, origin, ThreadWaiter)
@@ -93,7 +93,7 @@ class SequencePool:
 
     async def aacquire(self, timeout: float | None, origin: str) -> tuple[Slot, int]:
         """Lease a slot from an asyncio task; cancellation at any point leaks nothing."""
-        _check_timeout(timeout)
+        timeout = check_timeout(timeout)
         with self._lock:
             got = self._admit(timeout, origin, AsyncWaiter)
         if isinstance(got, Slot):
@@ -169,11 +169,11 @@ class SequencePool:
                 waited * 1000,
                 slot.origin,
             )
-        return slot, slot.generation
+        return slot, slot.lease_number
 
     def _lease(self, slot: Slot, origin: str, thread: threading.Thread, now: float) -> None:
-        """Under the lock: ``slot`` now belongs to a new owner, under a new generation."""
-        slot.generation += 1
+        """Under the lock: ``slot`` now belongs to a new owner, under a new lease number."""
+        slot.lease_number += 1
         slot.state = SlotState.LEASED
         slot.origin = origin
         slot.thread = thread
@@ -196,14 +196,14 @@ class SequencePool:
 
     # -- release ----------------------------------------------------------------------------
 
-    def is_current(self, slot: Slot, generation: int) -> bool:
-        """Whether a handle of ``generation`` still owns ``slot`` (lock-free read)."""
-        return slot.generation == generation and slot.state is SlotState.LEASED
+    def is_current(self, slot: Slot, lease_number: int) -> bool:
+        """Whether a handle of lease ``lease_number`` still owns ``slot`` (lock-free read)."""
+        return slot.lease_number == lease_number and slot.state is SlotState.LEASED
 
-    def begin_release(self, slot: Slot, generation: int) -> bool:
+    def begin_release(self, slot: Slot, lease_number: int) -> bool:
         """Claim the right to release; ``False`` (and counted) for a second release."""
         with self._lock:
-            if slot.generation != generation or slot.state is not SlotState.LEASED:
+            if slot.lease_number != lease_number or slot.state is not SlotState.LEASED:
                 self._double_releases += 1
                 return False
             slot.state = SlotState.CLEARING
@@ -241,12 +241,12 @@ class SequencePool:
 
     # -- forgotten handles ------------------------------------------------------------------
 
-    def handle_lost(self, slot: Slot, generation: int, origin: str) -> None:
+    def handle_lost(self, slot: Slot, lease_number: int, origin: str) -> None:
         """Finalizer of a handle dropped while leased. Takes no lock: see the module doc."""
-        if slot.generation != generation or slot.state is not SlotState.LEASED:
+        if slot.lease_number != lease_number or slot.state is not SlotState.LEASED:
             return  # released normally after all (racy read; begin_release re-checks)
         # Queue before warning: under ``-W error`` the warning raises, here and nowhere else.
-        self._reclaims.put((slot, generation))
+        self._reclaims.put((slot, lease_number))
         warnings.warn(
             f"sequence {slot.seq_id} leased at {origin} was never released; seqlease reclaimed "
             "it. Use `with ctx.lease() as seq:` or call seq.release() in a finally block",
@@ -254,9 +254,9 @@ class SequencePool:
             stacklevel=2,
         )
 
-    def _reclaim(self, slot: Slot, generation: int) -> None:
+    def _reclaim(self, slot: Slot, lease_number: int) -> None:
         with self._lock:
-            if slot.generation != generation or slot.state is not SlotState.LEASED:
+            if slot.lease_number != lease_number or slot.state is not SlotState.LEASED:
                 return
             slot.state = SlotState.CLEARING
         self.finish_release(slot, reclaimed=True)
@@ -290,7 +290,7 @@ class SequencePool:
         wait: the resource it frees must tolerate a second free). Leases held by the calling
         thread are not waited for: that would wait for ourselves.
         """
-        _check_timeout(timeout)
+        timeout = check_timeout(timeout)
         self._drain_reclaims()
         deadline = None if timeout is None else time.monotonic() + timeout
         me = threading.current_thread()
@@ -370,8 +370,3 @@ class SequencePool:
             f"{extra}); {len(self._waiters)} other callers waiting. Release leases sooner, "
             f"raise sequences= (now {self.size}), or wait longer"
         )
-
-
-def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and (not math.isfinite(timeout) or timeout < 0):
-        raise ValueError(f"timeout must be None or a finite number >= 0, not {timeout!r}")

@@ -22,15 +22,15 @@ class SlotState(enum.Enum):
 class Slot:
     """The long-lived side of a lease; handles come and go, the slot stays.
 
-    ``generation`` grows by one on every lease, so a handle can tell that the slot has moved on
+    ``lease_number`` grows by one on every lease, so a handle can tell that the slot has moved on
     to a new owner. All fields are guarded by the pool's lock.
     """
 
-    __slots__ = ("generation", "leased_at", "origin", "seq_id", "state", "thread")
+    __slots__ = ("lease_number", "leased_at", "origin", "seq_id", "state", "thread")
 
     def __init__(self, seq_id: int) -> None:
         self.seq_id = seq_id
-        self.generation = 0
+        self.lease_number = 0
         self.state = SlotState.FREE
         self.origin = ""
         self.thread: threading.Thread | None = None
@@ -41,4 +41,4 @@ class Slot:
         return self.seq_id < other.seq_id
 
     def __repr__(self) -> str:
-        return f"<Slot seq={self.seq_id} gen={self.generation} {self.state.value}>"
+        return f"<Slot seq={self.seq_id} lease=#{self.lease_number} {self.state.value}>"

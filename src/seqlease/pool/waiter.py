@@ -8,6 +8,7 @@ import heapq
 import threading
 from collections import deque
 
+from seqlease.loop_bridge import wake_from_thread
 from seqlease.pool.slot import Slot
 
 __all__ = ["AsyncWaiter", "ThreadWaiter", "Waiter", "assign"]
@@ -57,16 +58,7 @@ class AsyncWaiter(Waiter):
 
     def wake(self) -> bool:
         """Resolve the future from any thread; fails only when the loop is already closed."""
-        try:
-            self.loop.call_soon_threadsafe(_resolve, self.future)
-        except RuntimeError:  # the loop is closed: nobody is awaiting any more
-            return False
-        return True
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+        return wake_from_thread(self.loop, self.future)
 
 
 def assign(free: list[Slot], waiters: deque[Waiter]) -> list[tuple[Waiter, Slot]]:

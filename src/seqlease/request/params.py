@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypedDict
 
 from typing_extensions import Unpack
 
-__all__ = ["DEFAULTS", "SamplingKwargs", "SamplingParams", "sanitize"]
+from seqlease.checks import check_int, check_number, check_text, describe
+
+__all__ = ["DEFAULTS", "SamplingKwargs", "SamplingParams", "check_stop", "sanitize"]
+
+_INT32_MAX = (1 << 31) - 1
 
 
 @dataclass(frozen=True)
@@ -31,13 +35,12 @@ class SamplingParams:
 DEFAULTS = SamplingParams()
 
 
-def _finite(value: float | None, default: float, name: str) -> float:
+def _finite(value: object, default: float, name: str) -> float:
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+    number = check_number(name, value)
     # A NaN or infinity from a UI slider or a JSON body is a missing value, not an error.
-    return float(value) if math.isfinite(value) else default
+    return number if math.isfinite(number) else default
 
 
 class SamplingKwargs(TypedDict, total=False):
@@ -62,22 +65,17 @@ def sanitize(**kwargs: Unpack[SamplingKwargs]) -> SamplingParams:
     """
     unknown = set(kwargs) - set(SamplingKwargs.__annotations__)
     if unknown:
-        raise TypeError(f"unknown sampling arguments: {', '.join(sorted(unknown))}")
-    temperature = kwargs.get("temperature")
-    top_p = kwargs.get("top_p")
-    top_k = kwargs.get("top_k")
-    min_p = kwargs.get("min_p")
-    repeat_penalty = kwargs.get("repeat_penalty")
-    max_tokens = kwargs.get("max_tokens")
-    seed = kwargs.get("seed")
-    stop = kwargs.get("stop")
+        allowed = ", ".join(SamplingKwargs.__annotations__)
+        raise TypeError(
+            f"unknown sampling arguments: {', '.join(sorted(unknown))} (allowed: {allowed})"
+        )
     d = DEFAULTS
-    temp = _finite(temperature, d.temperature, "temperature")
-    p = _finite(top_p, d.top_p, "top_p")
-    mp = _finite(min_p, d.min_p, "min_p")
-    rp = _finite(repeat_penalty, d.repeat_penalty, "repeat_penalty")
-    mt = _finite(max_tokens, d.max_tokens, "max_tokens")
-    k = d.top_k if top_k is None else top_k
+    temp = _finite(kwargs.get("temperature"), d.temperature, "temperature")
+    p = _finite(kwargs.get("top_p"), d.top_p, "top_p")
+    mp = _finite(kwargs.get("min_p"), d.min_p, "min_p")
+    rp = _finite(kwargs.get("repeat_penalty"), d.repeat_penalty, "repeat_penalty")
+    mt = _finite(kwargs.get("max_tokens"), d.max_tokens, "max_tokens")
+    top_k, seed, stop = kwargs.get("top_k"), kwargs.get("seed"), kwargs.get("stop")
     if temp < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), not {temp}")
     if not 0 < p <= 1:
@@ -86,15 +84,14 @@ def sanitize(**kwargs: Unpack[SamplingKwargs]) -> SamplingParams:
         raise ValueError(f"min_p must be in [0, 1), not {mp}")
     if rp <= 0:
         raise ValueError(f"repeat_penalty must be > 0 (1 = off), not {rp}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0 = off), not {k!r}")
-    if mt != int(mt) or mt < 1:
-        raise ValueError(f"max_tokens must be a whole number >= 1, not {max_tokens!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"seed must be an int or None, not {seed!r}")
-    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    if any(not isinstance(s, str) or not s for s in stops):
-        raise ValueError(f"stop must be non-empty strings, not {stop!r}")
+    k = d.top_k if top_k is None else check_int("top_k", top_k, 0, _INT32_MAX)
+    if mt != int(mt) or not 1 <= mt <= _INT32_MAX:
+        raise ValueError(
+            f"max_tokens must be a whole number in [1, {_INT32_MAX}], not {describe(mt)}"
+        )
+    if seed is not None:
+        # Any 64-bit int: llama.cpp takes the low 32 bits, as llama-cpp-python does.
+        seed = check_int("seed", seed, -(1 << 63), (1 << 64) - 1)
     return SamplingParams(
         temperature=temp,
         top_p=p,
@@ -103,5 +100,21 @@ def sanitize(**kwargs: Unpack[SamplingKwargs]) -> SamplingParams:
         repeat_penalty=rp,
         max_tokens=int(mt),
         seed=seed,
-        stop=stops,
+        stop=check_stop(stop),
     )
+
+
+def check_stop(stop: object) -> tuple[str, ...]:
+    """Stop markers as a tuple of non-empty strings; ``None`` means none."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if isinstance(stop, (bytes, Mapping)) or not isinstance(stop, Iterable):
+        raise TypeError(f"stop must be a str or a sequence of str, not {describe(stop)}")
+    markers = tuple(stop)
+    for marker in markers:
+        check_text("stop", marker)
+        if not marker:
+            raise ValueError(f"stop markers must be non-empty strings, not {markers!r:.60}")
+    return markers

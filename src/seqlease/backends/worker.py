@@ -1,0 +1,102 @@
+"""The worker thread both backends run on: jobs in, native memory freed once it has stopped."""
+
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+
+from seqlease.backends.lifetime import NativeLifetime
+from seqlease.errors import NativeError, SeqleaseError
+from seqlease.request.job import FinishReason, Job
+from seqlease.request.jobs import JobTable
+
+__all__ = ["JobWorker"]
+
+logger = logging.getLogger("seqlease.engine")
+
+
+class JobWorker(abc.ABC):
+    """One thread that runs the jobs of a :class:`JobTable` and owns native memory.
+
+    Every native call holds ``_guard``. A job's failure fails that job only; a failure of the
+    thread itself fails every job it knows at once, and later submissions raise, so no caller
+    ever waits for a thread that is gone. The memory is freed once, after the thread stopped.
+    """
+
+    def __init__(self, thread_name: str) -> None:
+        """Set up; a subclass calls :meth:`_start` once it is ready to serve."""
+        self._guard = threading.RLock()
+        self._jobs = JobTable()
+        self._lifetime = NativeLifetime(self._guard, self._free)
+        self._thread = threading.Thread(target=self._main, name=thread_name, daemon=True)
+
+    def _start(self) -> None:
+        self._thread.start()
+
+    # -- caller side ------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; raises when its sequence is busy or the worker cannot serve."""
+        self._jobs.submit(job)
+
+    def stop_sequence(self, seq_id: int) -> None:
+        """Cancel the sequence's jobs and wait until the worker has let go of them."""
+        for job in self._jobs.cancel_sequence(seq_id):
+            if threading.current_thread() is not self._thread:
+                job.done.wait()
+
+    @property
+    def freed(self) -> bool:
+        """Whether the native memory has been freed."""
+        return self._lifetime.freed
+
+    def close(self) -> None:
+        """Cancel every job, stop the thread, then free the native memory; idempotent.
+
+        On the worker thread itself (a finalizer during garbage collection) the memory is
+        freed as the thread exits instead.
+        """
+        for job in self._jobs.stop():
+            job.finish("cancelled")
+        self._lifetime.free_after(self._thread)
+
+    # -- worker thread ----------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # a bug or a broken native state: fail all, hang none
+            logger.exception("the %s thread stopped", self._thread.name)
+            error = NativeError(
+                f"the engine stopped after an error ({exc!r}): close this Context and create "
+                "a new one"
+            )
+            for job in self._jobs.die(exc):
+                job.fail(error)
+        finally:
+            self._lifetime.thread_exited()
+
+    @abc.abstractmethod
+    def _serve(self) -> None:
+        """Run jobs until the table stops (returns) or the native state breaks (raises)."""
+
+    @abc.abstractmethod
+    def _free(self) -> None:
+        """Free the native memory (under the guard, after the thread stopped)."""
+
+    def _finish(self, job: Job, reason: FinishReason) -> None:
+        """End ``job``; its sequence is free for the next job before its caller hears."""
+        self._jobs.forget(job)
+        job.finish(reason)
+
+    def _fail(self, job: Job, exc: BaseException, stage: str) -> None:
+        """Fail ``job`` alone with a seqlease error for ``exc``."""
+        if isinstance(exc, SeqleaseError):
+            error: BaseException = exc
+        else:
+            logger.error("sequence %d failed while %s", job.seq_id, stage, exc_info=exc)
+            error = NativeError(f"sequence {job.seq_id}: the reply failed while {stage}: {exc!r}")
+            error.__cause__ = exc
+        self._jobs.forget(job)
+        job.fail(error)

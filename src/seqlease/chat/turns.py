@@ -1,0 +1,87 @@
+"""One turn at a time on a chat session, and never a wait that cannot end."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+
+from seqlease.errors import SessionBusyError
+from seqlease.loop_bridge import wake_from_thread
+
+__all__ = ["TurnGuard"]
+
+
+class TurnGuard:
+    """Serializes the turns of one session across threads and tasks.
+
+    A whole-reply call (``prompt``/``aprompt``) from another thread or task waits for the turn
+    in progress: that wait ends with the reply. Waiting cannot end when the turn belongs to the
+    caller itself, or to an open stream (its reader may never come back), so those raise
+    :class:`SessionBusyError` at once instead of deadlocking.
+    """
+
+    def __init__(self) -> None:
+        """No turn in progress."""
+        self._lock = threading.Lock()
+        self._owner: object | None = None
+        self._streaming = False
+        self._waiters: deque[Callable[[], object]] = deque()
+
+    @contextlib.contextmanager
+    def turn(self, *, streaming: bool) -> Iterator[None]:
+        """Hold the turn in this thread for the ``with`` block."""
+        me = threading.current_thread()
+        while True:
+            with self._lock:
+                if self._claim(me, streaming):
+                    break
+                wake = threading.Event()
+                self._waiters.append(wake.set)
+            wake.wait()
+        try:
+            yield
+        finally:
+            self._release()
+
+    @contextlib.asynccontextmanager
+    async def aturn(self, *, streaming: bool) -> AsyncIterator[None]:
+        """Hold the turn in this task for the ``async with`` block."""
+        me = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._lock:
+                if self._claim(me, streaming):
+                    break
+                woken: asyncio.Future[None] = loop.create_future()
+                self._waiters.append(functools.partial(wake_from_thread, loop, woken))
+            await woken
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _claim(self, me: object, streaming: bool) -> bool:
+        """Under the lock: take the turn if free; ``False``: wait; raise where waiting can't end."""
+        if self._owner is None:
+            self._owner, self._streaming = me, streaming
+            return True
+        if self._owner is me or self._streaming:
+            raise SessionBusyError(
+                "a reply stream of this chat session is still open: read it to the end or "
+                "close() it before starting the next turn"
+                if self._streaming
+                else "this thread or task is already in a turn of this chat session"
+            )
+        return False
+
+    def _release(self) -> None:
+        with self._lock:
+            self._owner, self._streaming = None, False
+            waiters = list(self._waiters)
+            self._waiters.clear()
+        for wake in waiters:  # all of them compete again; one wins, the others queue again
+            wake()

@@ -1,0 +1,33 @@
+"""A sequence's sampler chain for one generation, from its :class:`SamplingParams`."""
+
+from __future__ import annotations
+
+import random
+from types import ModuleType
+
+from seqlease.native.sampler import SamplerChain
+from seqlease.request.params import SamplingParams
+
+__all__ = ["build_sampler"]
+
+
+def build_sampler(lib: ModuleType, params: SamplingParams, n_vocab: int) -> SamplerChain:
+    """Penalties, top-k, top-p, min-p and temperature, then a seeded draw (greedy at temp 0)."""
+    chain = SamplerChain(lib)
+    try:
+        # Penalties scan the candidates: after top-k they look at k tokens, not the vocabulary.
+        if params.top_k > 0 and params.temperature > 0.0:
+            chain.top_k(params.top_k)
+        if params.repeat_penalty != 1.0:
+            chain.penalties(n_vocab, params.repeat_last_n, params.repeat_penalty)
+        if params.temperature <= 0.0:
+            return chain.greedy()
+        if params.top_p < 1.0:
+            chain.top_p(params.top_p)
+        if params.min_p > 0.0:
+            chain.min_p(params.min_p)
+        seed = random.getrandbits(32) if params.seed is None else params.seed
+        return chain.temperature(params.temperature).draw(seed)
+    except BaseException:
+        chain.close()
+        raise

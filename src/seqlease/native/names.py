@@ -1,0 +1,62 @@
+"""Every llama.cpp function seqlease calls under more than one name, in one table.
+
+llama-cpp-python follows llama.cpp's renames and keeps no aliases, so each purpose lists its
+names newest first; :func:`bound` takes the first one the installed binding has. The memory
+API's three families live in :mod:`seqlease.native.memory`.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+__all__ = ["NAMES", "SESSION_NEEDS", "bound", "missing"]
+
+#: Each purpose, and the names it went by (newest first).
+NAMES: dict[str, tuple[str, ...]] = {
+    "load a model": ("llama_model_load_from_file", "llama_load_model_from_file"),
+    "free a model": ("llama_model_free", "llama_free_model"),
+    "create a context": ("llama_init_from_model", "llama_new_context_with_model"),
+    "end-of-generation test": ("llama_vocab_is_eog", "llama_token_is_eog"),
+    "vocabulary size": ("llama_vocab_n_tokens", "llama_n_vocab"),
+    "training context size": ("llama_model_n_ctx_train", "llama_n_ctx_train"),
+    "BOS token": ("llama_vocab_bos", "llama_token_bos"),
+    "EOS token": ("llama_vocab_eos", "llama_token_eos"),
+    "tokenize": ("llama_model_get_vocab",),
+    "batched decode": ("llama_batch_init",),
+    "read logits": ("llama_get_logits_ith",),
+    "sampler chains": ("llama_sampler_chain_init",),
+}
+
+#: What the session backend calls besides the memory API.
+SESSION_NEEDS = (
+    "load a model",
+    "create a context",
+    "tokenize",
+    "batched decode",
+    "read logits",
+    "sampler chains",
+)
+
+
+def bound(lib: ModuleType, purpose: str) -> Any:
+    """The function for ``purpose`` under the newest name ``lib`` binds.
+
+    Raises:
+        AttributeError: the binding has none of its names.
+
+    """
+    for name in NAMES[purpose]:
+        fn = getattr(lib, name, None)
+        if fn is not None:
+            return fn
+    raise AttributeError(f"llama-cpp-python binds none of {NAMES[purpose]} ({purpose})")
+
+
+def missing(lib: Any, purposes: tuple[str, ...]) -> list[str]:
+    """Those of ``purposes`` that ``lib`` binds under none of their names, described."""
+    return [
+        f"{purpose} ({' or '.join(NAMES[purpose])})"
+        for purpose in purposes
+        if not any(hasattr(lib, name) for name in NAMES[purpose])
+    ]

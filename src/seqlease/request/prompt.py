@@ -1,0 +1,77 @@
+"""A prompt as token ids, checked before anything is queued: the same rules on both backends."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Mapping
+from typing import Protocol
+
+from seqlease.checks import check_text, describe
+from seqlease.errors import ContextOverflowError, EmptyPromptError
+
+__all__ = ["Tokenizer", "check_prompt", "prompt_tokens"]
+
+
+class Tokenizer(Protocol):
+    """What prompt checking needs of a model."""
+
+    @property
+    def n_vocab(self) -> int:
+        """Vocabulary size."""
+        ...
+
+    def tokenize(
+        self, text: str, *, add_special: bool = True, parse_special: bool = True
+    ) -> list[int]:
+        """Token ids of ``text``."""
+        ...
+
+
+def prompt_tokens(prompt: object, model: Tokenizer) -> list[int]:
+    """``prompt`` (text, or token ids) as a list of token ids inside the vocabulary.
+
+    Raises:
+        TypeError: not a ``str`` nor an iterable of integers (bytes, floats, None, ...).
+        EmptyPromptError: empty, or whitespace-only text.
+        ValueError: a token id outside the vocabulary, or text that is not valid Unicode.
+
+    """
+    if isinstance(prompt, str):
+        check_text("prompt", prompt)
+        if not prompt.strip():
+            raise EmptyPromptError(f"the prompt is empty: got {prompt!r:.40}; send some text")
+        return model.tokenize(prompt)
+    if isinstance(prompt, (bytes, bytearray, memoryview, Mapping)) or not isinstance(
+        prompt, Iterable
+    ):
+        hint = " (decode bytes to str first)" if isinstance(prompt, (bytes, bytearray)) else ""
+        raise TypeError(
+            f"prompt must be a str or a list of token ids, not {describe(prompt)}{hint}"
+        )
+    tokens: list[int] = []
+    for i, token in enumerate(prompt):
+        if isinstance(token, (bool, float)):
+            raise TypeError(f"prompt token {i} must be an int token id, not {describe(token)}")
+        try:
+            tokens.append(operator.index(token))
+        except TypeError:
+            raise TypeError(
+                f"prompt token {i} must be an int token id, not {describe(token)}"
+            ) from None
+        if not 0 <= tokens[-1] < model.n_vocab:
+            raise ValueError(
+                f"prompt token {i} is {tokens[-1]}, outside the vocabulary [0, {model.n_vocab})"
+            )
+    if not tokens:
+        raise EmptyPromptError("the prompt has no tokens: send at least one")
+    return tokens
+
+
+def check_prompt(tokens: list[int], n_ctx: int) -> None:
+    """Reject a prompt that leaves no room for a reply in a sequence of ``n_ctx`` tokens."""
+    if len(tokens) >= n_ctx:
+        raise ContextOverflowError(
+            f"the prompt has {len(tokens)} tokens but a sequence holds n_ctx={n_ctx} "
+            "tokens, and at least one must be left for the reply: shorten the prompt or "
+            "create the Context with a larger n_ctx"
+        )

@@ -1,0 +1,171 @@
+"""What a caller holds while a reply is generated: a sync or an async iterator of text.
+
+Both forms stop the reply when closed from any thread, when the loop over them is left early
+(``break``), or when they are dropped: the next generation on the sequence is accepted at once.
+One reader at a time: a second thread (or task) reading the same stream gets
+:class:`~seqlease.StreamInUseError` instead of a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from types import TracebackType
+
+from typing_extensions import Self
+
+from seqlease.errors import StreamInUseError
+from seqlease.request.job import Channel, Job, Result
+
+__all__ = ["AsyncGeneration", "Generation"]
+
+#: Builds and submits the job, given the channel its text and end go to.
+Starter = Callable[[Channel], Job]
+
+
+def _outcome(job: Job) -> Result:
+    """The finished job's result; raises its error."""
+    end = job.channel.wait_end()
+    if isinstance(end, BaseException):
+        raise end
+    assert end is not None
+    return end
+
+
+class _Stream:
+    """What both forms share: the job, the single-reader rule and stopping."""
+
+    def __init__(self, job: Job) -> None:
+        self._job = job
+        self._reader = threading.Lock()
+
+    def _enter_read(self) -> None:
+        if not self._reader.acquire(blocking=False):
+            raise StreamInUseError(
+                f"another reader is already iterating this reply of sequence "
+                f"{self._job.seq_id}: read a stream from one thread or task only (use "
+                "result() to wait for the whole reply elsewhere)"
+            )
+
+    def _cancel(self) -> None:
+        self._job.cancel()
+
+    @property
+    def finished(self) -> bool:
+        """Whether the reply has ended (the worker let go of it)."""
+        return self._job.done.is_set()
+
+    def __del__(self) -> None:
+        # Only a flag: a finalizer may run on any thread, even inside the job table's lock.
+        if (job := getattr(self, "_job", None)) is not None:
+            job.cancelled.set()
+
+
+class Generation(_Stream, Iterator[str]):
+    """Text chunks of one reply as they are generated; ``result()`` waits for the whole.
+
+    Stop early with :meth:`close` (from any thread), a ``with`` block, ``break``, or by
+    dropping the object: the engine stops this sequence within one step.
+    """
+
+    def __init__(self, start: Starter) -> None:
+        """Submit the generation through ``start``."""
+        super().__init__(start(Channel()))
+
+    def __next__(self) -> str:
+        self._enter_read()
+        try:
+            chunk = self._job.channel.take()
+            while chunk is None and not self._job.channel.ended:
+                chunk = self._job.channel.take()
+        except KeyboardInterrupt:  # Ctrl-C while waiting: stop the reply too
+            self._cancel()
+            raise
+        finally:
+            self._reader.release()
+        if chunk is None:
+            raise StopIteration
+        return chunk
+
+    def result(self) -> Result:
+        """Wait for the end of the reply and return it (raises the generation's error)."""
+        return _outcome(self._job)
+
+    def close(self) -> None:
+        """Stop the generation and return once the engine let go of it (within one step).
+
+        Safe from any thread, also while another thread iterates. :meth:`result` stays
+        available (``finish_reason == "cancelled"`` unless it had already ended).
+        """
+        if not self._job.done.is_set():
+            self._cancel()
+            self._job.done.wait()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncGeneration(_Stream, AsyncIterator[str]):
+    """The asyncio form of :class:`Generation`; cancelling the reading task stops the reply."""
+
+    def __init__(self, start: Starter) -> None:
+        """Submit the generation; must be called in the event loop that reads it."""
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        self._ready = ready
+
+        # The notifier refers to the loop and the event only, never to this object.
+        def notify() -> None:
+            loop.call_soon_threadsafe(ready.set)
+
+        super().__init__(start(Channel(notify)))
+
+    async def __anext__(self) -> str:
+        self._enter_read()
+        try:
+            channel = self._job.channel
+            while (chunk := channel.take_ready()) is None and not channel.ended:
+                self._ready.clear()
+                if (chunk := channel.take_ready()) is not None or channel.ended:
+                    break
+                await self._ready.wait()
+        except BaseException:  # the reading task was cancelled: stop the reply too
+            self._cancel()
+            raise
+        finally:
+            self._reader.release()
+        if chunk is None:
+            chunk = channel.take_ready()  # a chunk that arrived with the end
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
+
+    async def result(self) -> Result:
+        """Wait (without blocking the loop) for the end of the reply and return it."""
+        await self._wait_done()
+        return _outcome(self._job)
+
+    async def aclose(self) -> None:
+        """Stop the generation and wait, without blocking the loop, until it has stopped."""
+        if not self._job.channel.ended:
+            self._cancel()
+            await self._wait_done()
+
+    async def _wait_done(self) -> None:
+        # The channel's end is what wakes this loop (done is set just after it, and wakes
+        # nobody); the worker has forgotten the job by then.
+        channel = self._job.channel
+        while not channel.ended:
+            self._ready.clear()
+            if channel.ended:
+                return
+            await self._ready.wait()
