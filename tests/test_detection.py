@@ -22,8 +22,8 @@ import fake_bindings as fb
 import seqlease
 from seqlease.__main__ import main
 from seqlease.detection import Capabilities, detect, detect_from
-from seqlease.native.names import NAMES, SESSION_NEEDS
 from seqlease.native.memory import resolve_memory_api
+from seqlease.native.names import NAMES, SESSION_NEEDS
 
 # -- the real, installed binding ---------------------------------------------------------------
 

@@ -12,8 +12,8 @@ import threading
 import pytest
 
 import seqlease
-from seqlease.errors import DecodeError
 from helpers import engine
+from seqlease.errors import DecodeError
 from tiny_model import tiny_model_path
 
 
