@@ -18,8 +18,10 @@ then::
     curl localhost:8000/stats
 
 ``POST /chat`` streams server-sent events: one ``data: {"text": ...}`` per chunk, then
-``event: done`` with the reply's numbers (or ``event: error``). Configuration comes from the
-environment:
+``event: done`` with the reply's numbers (or ``event: error``). A malformed request is never
+a 500: it is a ``422`` whose ``detail`` names each bad field, or FastAPI's ``400`` for a body
+its JSON parser gives up on (bytes that are not UTF-8, nesting too deep). Configuration comes
+from the environment:
 
 - ``SEQLEASE_SEQUENCES``: requests served at the same time (default 2);
 - ``SEQLEASE_N_CTX``: tokens per conversation, prompt and reply (default 2048);
@@ -34,13 +36,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Annotated, Any, TypedDict
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Body, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
@@ -133,20 +137,109 @@ BUSY: dict[int | str, dict[str, Any]] = {
 }
 
 
+# -- a bad request is a 422 that says what is wrong ----------------------------------------
+
+
+@app.exception_handler(RequestValidationError)
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A 422 naming each bad field, which is safe to send whatever the client sent.
+
+    FastAPI's own handler echoes each bad value back, and fails (a 500) on the values
+    Python's JSON parser accepts but strict JSON cannot carry: NaN, Infinity, a lone
+    surrogate, and raw bytes that are not UTF-8 (the body of a non-JSON content type).
+    """
+    errors = []
+    for error in exc.errors():
+        entry = {key: error[key] for key in ("type", "loc", "msg", "input", "ctx") if key in error}
+        if isinstance(error.get("input"), bytes):
+            # FastAPI validates the raw bytes when the content type is not JSON.
+            entry["msg"] = "the body must be a JSON object, sent as application/json"
+            entry.pop("input")
+        errors.append(json_safe(entry))
+    return JSONResponse({"detail": errors}, status_code=422)
+
+
+@app.exception_handler(seqlease.ContextOverflowError)
+async def too_long(request: Request, exc: Exception) -> JSONResponse:
+    """The prompt does not fit in a sequence (``$SEQLEASE_N_CTX``): a 422, not a 500.
+
+    Only ``POST /random`` gets here. ``POST /chat`` finds out once its stream has started,
+    and reports it there, as an ``error`` event.
+    """
+    error = {"type": "context_overflow", "loc": ["body"], "msg": str(exc)}
+    return JSONResponse({"detail": [error]}, status_code=422)
+
+
+#: Strings quoted back in a 422 are cut to this many characters: the client has the rest.
+ECHO_CHARS = 100
+
+
+def json_safe(value: object) -> Any:
+    """``value`` as plain JSON: non-finite floats, lone surrogates and objects as text.
+
+    Long strings are cut to :data:`ECHO_CHARS`, so that a 3 MB message that is too long is
+    not sent back whole.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "nan", "inf", "-inf"
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, dict):
+        return {json_safe(str(key)): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    if len(text) > ECHO_CHARS:
+        text = text[: ECHO_CHARS - 3] + "..."
+    # A lone surrogate becomes its escape, the six characters \ud800.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 # -- requests and replies -------------------------------------------------------------------
 
 
-def not_blank(text: str) -> str:
-    """Refuse what seqlease would refuse (``EmptyPromptError``), as a 422 before any work."""
+def valid_text(text: str) -> str:
+    r"""Refuse, as a 422 before any work, text that seqlease or llama.cpp cannot take as meant.
+
+    A JSON string may spell a lone surrogate (``"\ud800"``), which is no Unicode text: it
+    cannot be encoded as UTF-8 for the tokenizer. A NUL is no character anyone types: it
+    marks a binary or mis-decoded body, and wherever the text meets C strings (logs,
+    databases, native code) it ends the text early or is refused. Blank text is what
+    seqlease refuses as a prompt (``EmptyPromptError``); as a system prompt, an empty one
+    would be taken as none and a blank one would replace the template's default with
+    nothing, neither what a client means. The messages quote no character as is, so that
+    the error reply is valid JSON.
+    """
+    try:
+        # pydantic's max_length check refuses lone surrogates already ("unable to parse raw
+        # data as a unicode string"), but only as a side effect: this check does not rely on it.
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"must be valid Unicode text, but holds a lone surrogate "
+            f"({text[exc.start]!a} at index {exc.start})"
+        ) from None
+    if "\0" in text:
+        raise ValueError(f"must not hold a NUL character ('\\x00' at index {text.index(chr(0))})")
     if not text.strip():
         raise ValueError("must contain some text, not only whitespace")
     return text
 
 
+#: A topic: valid text (see :func:`valid_text`), checked once its length is.
+ShortText = Annotated[str, Field(max_length=200), AfterValidator(valid_text)]
+#: A message or system prompt: a few pages at most, which also bounds the work per request.
+LongText = Annotated[str, Field(max_length=4000), AfterValidator(valid_text)]
+
+
 class Sampling(BaseModel):
     """Optional sampling overrides; seqlease's defaults apply to those left out."""
 
-    model_config = ConfigDict(extra="forbid")
+    # forbid: a misspelt option ("temprature") is an error, not silently ignored.
+    # strict: no coercion, so true is not 1 and neither "8" nor 8.0 is 8; an int still counts
+    # as a float (temperature 1). allow_inf_nan=False: Python's JSON parser reads NaN,
+    # Infinity and 1e400 (as inf), which are no temperature.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     max_tokens: int = Field(default=48, ge=1, le=1024)
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -160,14 +253,14 @@ class Sampling(BaseModel):
 class RandomRequest(Sampling):
     """The optional body of ``POST /random``."""
 
-    topic: Annotated[str, AfterValidator(not_blank)] | None = Field(default=None, max_length=200)
+    topic: ShortText | None = None
 
 
 class ChatRequest(Sampling):
     """The body of ``POST /chat``."""
 
-    message: Annotated[str, AfterValidator(not_blank)] = Field(max_length=4000)
-    system_prompt: str | None = Field(default=None, max_length=4000)
+    message: LongText
+    system_prompt: LongText | None = None
     max_tokens: int = Field(default=256, ge=1, le=1024)
 
 
@@ -186,9 +279,13 @@ class Story(BaseModel):
 
 
 @app.post("/random", responses=BUSY)
-async def random_story(ctx: Ctx, body: RandomRequest | None = None) -> Story:
+async def random_story(
+    ctx: Ctx,
+    # No body (a plain button's POST) means all defaults. A body must be a JSON object: null
+    # is a 422 like any other non-object, not read as "no options".
+    body: Annotated[RandomRequest, Body(default_factory=RandomRequest)],
+) -> Story:
     """The "Random" button: a two-sentence story about a random topic."""
-    body = body or RandomRequest()
     topic = body.topic or random.choice(TOPICS)
     # An ephemeral lease and session per click. timeout=0: a full pool is a 503 right away.
     async with ctx.alease(timeout=0) as seq:

@@ -11,6 +11,7 @@ import logging
 import re
 from collections.abc import Iterator
 from importlib import metadata
+from typing import Any
 
 import pytest
 
@@ -89,15 +90,22 @@ def native_state_size(ctx: seqlease.Context, seq_id: int) -> int:
     Bound in every release since 0.2.61, unlike ``seq_pos_max``, so "empty" is checked by
     llama.cpp itself on every generation.
     """
-    backend = ctx.backend
+    engine = session_engine(ctx)
+    with engine._guard:  # every native call holds the engine's guard
+        return int(load_library().llama_state_seq_get_size(engine._native.ptr, seq_id))
+
+
+def session_engine(ctx: seqlease.Context) -> Any:
+    """The engine behind a session-backend Context (``ctx.backend`` only names the backend)."""
+    assert ctx.backend.name == "session"
+    backend = ctx._backend
     assert isinstance(backend, SessionBackend)
-    with backend.guard:
-        return int(load_library().llama_state_seq_get_size(backend.native.ptr, seq_id))
+    return backend.engine
 
 
 def test_two_leases_batched_then_empty(ctx: seqlease.Context) -> None:
     empty = [native_state_size(ctx, i) for i in range(2)]
-    engine = ctx.backend.engine  # type: ignore[attr-defined]
+    engine = session_engine(ctx)
     with ctx.lease(timeout=0) as a, ctx.lease(timeout=0) as b:
         alone = a.generate(PROMPT, max_tokens=TOKENS, temperature=0).result()
         steps_before = engine.steps

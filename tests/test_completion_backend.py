@@ -2,8 +2,10 @@
 
 Most tests run the real llama.cpp on the tiny random-weight model (fast); the last group runs
 the real default model and compares with llama-cpp-python's own ``create_completion``.
-Tests that must catch a generation in the middle hold the worker inside ``emit`` (see
-:func:`held`) instead of racing a model that writes a token in a fraction of a millisecond.
+Tests that must catch a generation in the middle hold the worker inside the ``put`` of a
+:class:`HeldChannel` instead of racing a model that writes a token in a fraction of a
+millisecond. Every call that could block runs under a timeout (:func:`bounded`), so a bug
+fails a test instead of hanging the suite.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import llama_cpp
 import llama_cpp.llama_cpp as lib
@@ -22,14 +24,12 @@ import pytest
 
 import seqlease
 from seqlease.backends.completion import CompletionBackend
-from seqlease.engine.job import Event, Job, Result
-from seqlease.engine.params import sanitize
-from seqlease.engine.stream import AsyncGeneration, Generation
-from seqlease.engine.text import trim_at_stop
+from seqlease.backends.worker import JobWorker
 from seqlease.errors import (
     ContextClosedError,
     ContextOverflowError,
     DecodeError,
+    EmptyPromptError,
     InvalidSequenceError,
     ModelLoadError,
     NativeError,
@@ -37,6 +37,11 @@ from seqlease.errors import (
 )
 from seqlease.native.library import load_library
 from seqlease.native.model import NativeModel
+from seqlease.request.job import Channel, Job, Result
+from seqlease.request.params import sanitize
+from seqlease.request.prompt import prompt_tokens
+from seqlease.request.stream import AsyncGeneration, Generation
+from seqlease.request.text import trim_at_stop
 from tiny_model import BOS, CHAT_TEMPLATE, EOS, IM_END, tiny_model_path
 
 N_CTX = 128
@@ -44,12 +49,38 @@ N_CTX = 128
 OPTIONS = {"sequences": 4, "n_ctx": N_CTX, "n_batch": 32, "n_threads": 1}
 TIMEOUT = 30
 
+T = TypeVar("T")
+
+
+def bounded(call: Callable[[], T], timeout: float = TIMEOUT) -> T:
+    """``call()`` on a helper thread: its value or its exception, or a failure after ``timeout``.
+
+    For the calls that wait without a timeout of their own (``Generation`` iteration and
+    ``result()``, ``close()``, ``clear_sequence()``): a hang fails the test instead.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as exc:  # re-raised on the test's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"{call!r} still blocked after {timeout}s"
+    if "error" in box:
+        raise box["error"]
+    value: T = box["value"]
+    return value
+
 
 @pytest.fixture(scope="module")
 def backend() -> Iterator[CompletionBackend]:
     b = CompletionBackend(tiny_model_path(), **OPTIONS)
     yield b
-    b.close()
+    bounded(b.close)
 
 
 @pytest.fixture
@@ -57,7 +88,7 @@ def fresh() -> Iterator[CompletionBackend]:
     """A backend of its own, for tests that close it or leave it in a special state."""
     b = CompletionBackend(tiny_model_path(), **OPTIONS)
     yield b
-    b.close()
+    bounded(b.close)
 
 
 def tokens_of(backend: CompletionBackend, text: str = "hello world the") -> list[int]:
@@ -67,9 +98,19 @@ def tokens_of(backend: CompletionBackend, text: str = "hello world the") -> list
 def run(backend: CompletionBackend, tokens: list[int], seq_id: int = 0, **kw: Any):
     """Generate through the public stream type (greedy unless told); returns (chunks, result)."""
     kw.setdefault("temperature", 0)
-    gen = Generation(lambda emit: backend.generate(seq_id, tokens, sanitize(**kw), None, emit))
-    chunks = list(gen)
-    return chunks, gen.result()
+    gen = Generation(
+        lambda channel: backend.generate(seq_id, tokens, sanitize(**kw), None, channel)
+    )
+    chunks = bounded(lambda: list(gen))
+    return chunks, bounded(gen.result)
+
+
+def end_of(job: Job) -> Result | BaseException:
+    """How ``job`` ended, once the worker has let go of it."""
+    assert job.done.wait(TIMEOUT)
+    end = job.channel.wait_end(0)
+    assert end is not None  # the end is recorded before done is set
+    return end
 
 
 class Spans:
@@ -101,12 +142,53 @@ class Spans:
         monkeypatch.setattr(backend.llama, "generate", generate)
 
 
-class Held:
-    """A generation whose worker is held inside ``emit`` after its first text chunk.
+class JobChannel(Channel):
+    """A channel that knows its job: the worker's calls wait (bounded) until it is attached."""
 
-    The worker stays there until ``release`` is set or the job is cancelled, so a test can
-    cancel, clear or close at a known point of a generation.
+    def __init__(self) -> None:
+        super().__init__()
+        self._job: Job | None = None
+        self._attached = threading.Event()
+
+    def attach(self, job: Job) -> Job:
+        """Called with what ``generate`` returned."""
+        self._job = job
+        self._attached.set()
+        return job
+
+    @property
+    def job(self) -> Job:
+        assert self._attached.wait(TIMEOUT)
+        assert self._job is not None
+        return self._job
+
+
+class HeldChannel(JobChannel):
+    """Holds the worker inside ``put`` after the first text chunk (which is delivered).
+
+    The worker stays there until ``release`` is set or the job is told to stop (cancelled,
+    aborted, closed), so a test can cancel, clear or close at a known point of a generation.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first_text = threading.Event()
+        self.release = threading.Event()
+
+    def put(self, text: str) -> None:
+        super().put(text)
+        if self.first_text.is_set():
+            return
+        job = self.job
+        self.first_text.set()
+        deadline = time.monotonic() + TIMEOUT
+        while not (self.release.is_set() or job.should_stop()):
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+
+
+class Held:
+    """A generation whose worker is held inside ``put`` after its first text chunk."""
 
     def __init__(
         self,
@@ -116,34 +198,19 @@ class Held:
         abort: threading.Event | None = None,
         **kw: Any,
     ) -> None:
-        self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
-        self.first_text = threading.Event()
-        self.release = threading.Event()
-        ready = threading.Event()
         params = sanitize(temperature=0, max_tokens=kw.pop("max_tokens", 60), **kw)
-
-        def emit(event: Event) -> None:
-            self.events.put(event)
-            if event[0] == "text" and not self.first_text.is_set():
-                ready.wait(TIMEOUT)
-                self.first_text.set()
-                deadline = time.monotonic() + TIMEOUT
-                while not (self.release.is_set() or self.job.should_stop()):
-                    assert time.monotonic() < deadline
-                    time.sleep(0.001)
-
-        self.job: Job = backend.generate(seq_id, tokens_of(backend), params, abort, emit)
-        ready.set()
+        self.channel = HeldChannel()
+        self.first_text = self.channel.first_text
+        self.release = self.channel.release
+        self.job = self.channel.attach(
+            backend.generate(seq_id, tokens_of(backend), params, abort, self.channel)
+        )
 
     def result(self) -> Result:
-        assert self.job.done.wait(TIMEOUT)
-        while True:
-            kind, value = self.events.get(timeout=TIMEOUT)
-            if kind == "done":
-                assert isinstance(value, Result)
-                return value
-            if kind == "error":
-                raise AssertionError(f"unexpected error {value!r}")
+        end = end_of(self.job)
+        if not isinstance(end, Result):
+            raise AssertionError(f"unexpected error {end!r}")
+        return end
 
 
 # -- the model adapter ----------------------------------------------------------------------
@@ -151,7 +218,8 @@ class Held:
 
 def test_identity_and_no_per_sequence_tokens(backend: CompletionBackend) -> None:
     assert backend.name == "completion"
-    assert isinstance(backend.guard, type(threading.RLock()))
+    assert isinstance(backend, JobWorker)  # the worker thread both backends run on
+    assert isinstance(backend._guard, type(threading.RLock()))
     run(backend, tokens_of(backend), temperature=0, max_tokens=4)
     # Nothing is kept per sequence: Llama's own prefix cache is not a sequence's memory.
     assert [backend.n_tokens(i) for i in range(OPTIONS["sequences"])] == [0, 0, 0, 0]
@@ -287,33 +355,25 @@ def test_held_back_text_that_is_no_marker_is_released(backend: CompletionBackend
 
 def test_cancel_with_generation_close_mid_stream(backend: CompletionBackend) -> None:
     tokens = tokens_of(backend)
-    first = threading.Event()
-    ready = threading.Event()
-    box: dict[str, Job] = {}
+    # The worker is held after the first chunk until the consumer gives up: no race with a
+    # fast model. Generation reads the job's channel, here a HeldChannel in place of its own.
+    held = HeldChannel()
 
-    def start(emit: Callable[[Event], None]) -> Job:
-        def held_emit(event: Event) -> None:
-            emit(event)
-            if event[0] == "text" and not first.is_set():
-                ready.wait(TIMEOUT)
-                first.set()
-                # Hold the worker until the consumer gives up: no race with a fast model.
-                assert box["job"].cancelled.wait(TIMEOUT)
-
-        box["job"] = backend.generate(
-            0, tokens, sanitize(temperature=0, max_tokens=100), None, held_emit
+    def start(channel: Channel) -> Job:
+        assert type(channel) is Channel and not channel.ended  # a plain one, not notifying
+        return held.attach(
+            backend.generate(0, tokens, sanitize(temperature=0, max_tokens=100), None, held)
         )
-        ready.set()
-        return box["job"]
 
     gen = Generation(start)
-    chunk = next(gen)
+    assert held.first_text.wait(TIMEOUT)
+    chunk = bounded(lambda: next(gen))
     assert chunk
-    gen.close()  # cancels and waits for the worker's "done"
-    result = gen.result()
+    bounded(gen.close)  # cancels and waits for the worker to let go
+    assert held.job.done.is_set()
+    result = bounded(gen.result)
     assert result.finish_reason == "cancelled"
     assert result.n_generated < 100
-    assert box["job"].done.is_set()
     # The worker is free for the next caller and the sequence is not busy.
     assert run(backend, tokens, temperature=0, max_tokens=5)[1].n_generated == 5
 
@@ -322,9 +382,9 @@ def test_abort_event(backend: CompletionBackend) -> None:
     tokens = tokens_of(backend)
     abort = threading.Event()
     abort.set()
-    gen = Generation(lambda emit: backend.generate(0, tokens, sanitize(), abort, emit))
-    assert list(gen) == []
-    result = gen.result()
+    gen = Generation(lambda channel: backend.generate(0, tokens, sanitize(), abort, channel))
+    assert bounded(lambda: list(gen)) == []
+    result = bounded(gen.result)
     assert (result.finish_reason, result.n_generated, result.text) == ("cancelled", 0, "")
 
     abort = threading.Event()
@@ -336,28 +396,86 @@ def test_abort_event(backend: CompletionBackend) -> None:
     assert 1 <= result.n_generated < 100
 
 
-def test_overflow_and_bad_prompts_raise_before_any_call(
+class RecordingChannel(Channel):
+    """Records everything the worker writes into it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[object] = []
+
+    def put(self, text: str) -> None:
+        self.written.append(text)
+        super().put(text)
+
+    def end(self, outcome: Result | BaseException) -> None:
+        self.written.append(outcome)
+        super().end(outcome)
+
+
+def test_overflow_and_bad_sequence_ids_raise_before_any_call(
     backend: CompletionBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # backend.generate checks what only the backend knows (sequence ids, n_ctx); the prompt
+    # itself is checked one level up (next test).
     spans = Spans(backend, monkeypatch)
+    # The worker counts a job just after its caller heard the end: let the last one settle.
+    time.sleep(0.05)
     before = backend.completed
-    emitted: list[Event] = []
+    channel = RecordingChannel()
     params = sanitize()
     with pytest.raises(ContextOverflowError, match=rf"{N_CTX} tokens but .* n_ctx={N_CTX}"):
-        backend.generate(0, [5] * N_CTX, params, None, emitted.append)
+        backend.generate(0, [5] * N_CTX, params, None, channel)
     with pytest.raises(ContextOverflowError, match=rf"{N_CTX + 50} tokens"):
-        backend.generate(0, [5] * (N_CTX + 50), params, None, emitted.append)
-    with pytest.raises(ValueError, match="at least one token"):
-        backend.generate(0, [], params, None, emitted.append)
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        backend.generate(0, [5, backend.model.n_vocab], params, None, emitted.append)
-    with pytest.raises(InvalidSequenceError):
-        backend.generate(OPTIONS["sequences"], [5], params, None, emitted.append)
+        backend.generate(0, [5] * (N_CTX + 50), params, None, channel)
+    for seq_id in (OPTIONS["sequences"], -1):
+        with pytest.raises(InvalidSequenceError, match=f"sequence id {seq_id} is outside"):
+            backend.generate(seq_id, [5], params, None, channel)
     time.sleep(0.05)
-    assert (emitted, spans.entered, backend.completed) == ([], [], before)
+    assert (channel.written, spans.entered, backend.completed) == ([], [], before)
     # N_CTX - 1 prompt tokens leave room for exactly one reply token.
     _, result = run(backend, [5] * (N_CTX - 1), max_tokens=10)
     assert result.n_generated == 1
+
+
+def test_bad_prompts_raise_before_any_call(
+    backend: CompletionBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The rule that Sequence applies before it calls backend.generate.
+    with pytest.raises(EmptyPromptError, match="no tokens: send at least one"):
+        prompt_tokens([], backend.model)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        prompt_tokens([5, backend.model.n_vocab], backend.model)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        prompt_tokens([-1, 5], backend.model)
+    assert prompt_tokens([5, backend.model.n_vocab - 1], backend.model) == [
+        5,
+        backend.model.n_vocab - 1,
+    ]
+
+    # Through a Context on the completion backend: rejected before the worker sees anything.
+    ctx = seqlease.Context(
+        tiny_model_path(), backend="completion", sequences=1, n_ctx=N_CTX, n_batch=32, n_threads=1
+    )
+    try:
+        inner = ctx._backend
+        assert isinstance(inner, CompletionBackend)
+        spans = Spans(inner, monkeypatch)
+        with ctx.lease(timeout=0) as seq:
+            n_vocab = inner.model.n_vocab
+            with pytest.raises(EmptyPromptError, match="at least one"):
+                seq.generate([])
+            with pytest.raises(EmptyPromptError, match="empty"):
+                seq.generate("  ")
+            with pytest.raises(ValueError, match="outside the vocabulary"):
+                seq.generate([5, n_vocab])
+            with pytest.raises(ContextOverflowError, match=rf"{N_CTX} tokens but"):
+                seq.generate([5] * N_CTX)
+            time.sleep(0.05)
+            assert (spans.entered, inner.completed) == ([], 0)
+            gen = seq.generate([5] * (N_CTX - 1), temperature=0, max_tokens=10)
+            assert bounded(gen.result).n_generated == 1
+    finally:
+        bounded(ctx.close)
 
 
 def test_four_threads_are_served_one_at_a_time(
@@ -405,12 +523,12 @@ def test_queued_jobs_run_in_arrival_order(
     words = ["hello", "world", "the"]
     gens = [
         Generation(
-            lambda emit, i=i: backend.generate(
+            lambda channel, i=i: backend.generate(
                 i + 1,
                 tokens_of(backend, words[i]),
                 sanitize(temperature=0, max_tokens=2),
                 None,
-                emit,
+                channel,
             )
         )
         for i in range(3)
@@ -420,7 +538,7 @@ def test_queued_jobs_run_in_arrival_order(
     held.release.set()
     assert held.result().finish_reason == "length"
     for gen in gens:
-        assert gen.result().n_generated == 2
+        assert bounded(gen.result).n_generated == 2
     assert spans.entered[1:] == [tuple(tokens_of(backend, w)) for w in words]
 
 
@@ -428,40 +546,50 @@ def test_same_sequence_twice_is_busy(backend: CompletionBackend) -> None:
     held = Held(backend, 2)
     assert held.first_text.wait(TIMEOUT)
     with pytest.raises(SequenceBusyError, match="sequence 2 is already generating"):
-        backend.generate(2, tokens_of(backend), sanitize(), None, lambda e: None)
+        backend.generate(2, tokens_of(backend), sanitize(), None, Channel())
     held.release.set()
     held.result()
     # Its end is announced only after the sequence is free again.
     assert run(backend, tokens_of(backend), seq_id=2, max_tokens=2)[1].n_generated == 2
 
 
-def test_next_generation_can_start_from_the_done_event(backend: CompletionBackend) -> None:
+def test_next_generation_can_start_from_the_end(backend: CompletionBackend) -> None:
     tokens = tokens_of(backend)
-    outcome: queue.SimpleQueue[object] = queue.SimpleQueue()
+    chained: queue.SimpleQueue[Job | Exception] = queue.SimpleQueue()
 
-    def chain(event: Event) -> None:  # runs on the worker thread, as "done" is delivered
-        if event[0] == "done":
-            try:
-                backend.generate(3, tokens, sanitize(max_tokens=1), None, outcome.put)
-            except Exception as exc:
-                outcome.put(exc)
+    class Chain(Channel):
+        """Starts the next generation on the same sequence as its end is delivered."""
 
-    backend.generate(3, tokens, sanitize(max_tokens=2), None, chain)
-    first = outcome.get(timeout=TIMEOUT)
-    assert not isinstance(first, Exception), first
-    while not (isinstance(first, tuple) and first[0] == "done"):
-        first = outcome.get(timeout=TIMEOUT)
+        def end(self, outcome: Result | BaseException) -> None:  # on the worker thread
+            if not self.ended:
+                try:
+                    chained.put(
+                        backend.generate(
+                            3, tokens, sanitize(temperature=0, max_tokens=1), None, Channel()
+                        )
+                    )
+                except Exception as exc:
+                    chained.put(exc)
+            super().end(outcome)
+
+    first = backend.generate(3, tokens, sanitize(temperature=0, max_tokens=2), None, Chain())
+    second = chained.get(timeout=TIMEOUT)
+    assert isinstance(second, Job), second  # the sequence was free before its end was heard
+    end = end_of(first)
+    assert isinstance(end, Result) and end.n_generated == 2, end
+    end = end_of(second)
+    assert isinstance(end, Result) and end.n_generated == 1, end
 
 
 def test_clear_sequence_cancels_a_running_job(backend: CompletionBackend) -> None:
     held = Held(backend, 1, max_tokens=100)
     assert held.first_text.wait(TIMEOUT)
-    backend.clear_sequence(1)
+    bounded(lambda: backend.clear_sequence(1))
     assert held.job.done.is_set()  # clear_sequence waited for the end
     result = held.result()
     assert result.finish_reason == "cancelled"
     assert result.n_generated < 100
-    backend.clear_sequence(1)  # nothing running: a no-op
+    bounded(lambda: backend.clear_sequence(1))  # nothing running: a no-op
     assert run(backend, tokens_of(backend), seq_id=1, max_tokens=3)[1].n_generated == 3
 
 
@@ -472,12 +600,14 @@ def test_clear_sequence_of_a_queued_job_does_not_wait_for_others(
     held = Held(backend, 0)
     assert held.first_text.wait(TIMEOUT)
     gen = Generation(
-        lambda emit: backend.generate(3, tokens_of(backend, "the"), sanitize(), None, emit)
+        lambda channel: backend.generate(3, tokens_of(backend, "the"), sanitize(), None, channel)
     )
     started = time.monotonic()
-    backend.clear_sequence(3)  # returns although sequence 0 still holds the worker
+    # Returns although sequence 0 still holds the worker.
+    bounded(lambda: backend.clear_sequence(3), timeout=1)
     assert time.monotonic() - started < 1
-    assert gen.result().finish_reason == "cancelled"
+    assert gen.finished  # ended by the clear itself, not by the worker
+    assert bounded(gen.result).finish_reason == "cancelled"
     assert not held.job.done.is_set()
     held.release.set()
     held.result()
@@ -487,39 +617,53 @@ def test_clear_sequence_of_a_queued_job_does_not_wait_for_others(
 def test_close_cancels_everything_and_is_idempotent(fresh: CompletionBackend) -> None:
     held = Held(fresh, 0, max_tokens=100)
     assert held.first_text.wait(TIMEOUT)
-    queued = Generation(lambda emit: fresh.generate(1, tokens_of(fresh), sanitize(), None, emit))
-    fresh.close()
+    queued = Generation(
+        lambda channel: fresh.generate(1, tokens_of(fresh), sanitize(), None, channel)
+    )
+    bounded(fresh.close)
     assert held.result().finish_reason == "cancelled"
-    assert queued.result().finish_reason == "cancelled"
-    assert not fresh.thread.is_alive()
-    fresh.close()
-    fresh.close()
+    assert bounded(queued.result).finish_reason == "cancelled"
+    assert not fresh._thread.is_alive()
+    assert fresh.freed
+    bounded(fresh.close)
+    bounded(fresh.close)
     with pytest.raises(ContextClosedError):
-        fresh.generate(0, [5], sanitize(), None, lambda e: None)
+        fresh.generate(0, [5], sanitize(), None, Channel())
     with pytest.raises(ContextClosedError):
         fresh.model.tokenize("hello")
     with pytest.raises(ContextClosedError):
         fresh.model.meta("general.architecture")
-    fresh.clear_sequence(0)  # after close: nothing to do, must not hang
+    bounded(lambda: fresh.clear_sequence(0))  # after close: nothing to do, must not hang
 
 
 def test_close_on_the_worker_thread_frees_as_it_exits(fresh: CompletionBackend) -> None:
     # A finalizer (Context dropped without close) may run on the worker thread itself.
-    at_close: list[int] = []
+    at_close: list[tuple[int, bool]] = []
 
-    def emit(event: Event) -> None:
-        if event[0] == "text" and not at_close:
-            at_close.append(job.n_generated)
-            fresh.close()  # must neither join itself nor free the Llama under its own feet
+    class ClosingChannel(JobChannel):
+        def put(self, text: str) -> None:
+            super().put(text)
+            if not at_close:
+                job = self.job
+                fresh.close()  # must neither join itself nor free the Llama under its own feet
+                at_close.append((job.n_generated, fresh.freed))
 
-    job = fresh.generate(0, tokens_of(fresh), sanitize(temperature=0, max_tokens=50), None, emit)
+    channel = ClosingChannel()
+    job = channel.attach(
+        fresh.generate(0, tokens_of(fresh), sanitize(temperature=0, max_tokens=50), None, channel)
+    )
     assert job.done.wait(TIMEOUT)
-    fresh.thread.join(TIMEOUT)
-    assert not fresh.thread.is_alive()
-    assert job.n_generated == at_close[0]  # cancelled right after the first text
+    fresh._thread.join(TIMEOUT)
+    assert not fresh._thread.is_alive()
+    assert fresh.freed  # as the thread exited
+    n_generated, freed_at_close = at_close[0]
+    assert not freed_at_close  # not while the worker still ran
+    assert job.n_generated == n_generated  # cancelled right after the first text
+    end = end_of(job)
+    assert isinstance(end, Result) and end.finish_reason == "cancelled", end
     with pytest.raises(ContextClosedError):
         fresh.model.tokenize("hello")
-    fresh.close()
+    bounded(fresh.close)
 
 
 def test_close_from_another_thread_while_idle(fresh: CompletionBackend) -> None:
@@ -528,7 +672,8 @@ def test_close_from_another_thread_while_idle(fresh: CompletionBackend) -> None:
     closer.start()
     closer.join(TIMEOUT)
     assert not closer.is_alive()
-    assert not fresh.thread.is_alive()
+    assert not fresh._thread.is_alive()
+    assert fresh.freed
 
 
 def test_missing_or_bad_model_raises_model_load_error(tmp_path: Any) -> None:
@@ -569,11 +714,11 @@ import sys
 sys.path.insert(0, sys.argv[1])
 from tiny_model import tiny_model_path
 from seqlease.backends.completion import CompletionBackend
-from seqlease.engine.params import sanitize
-from seqlease.engine.stream import Generation
+from seqlease.request.params import sanitize
+from seqlease.request.stream import Generation
 b = CompletionBackend(tiny_model_path(), sequences=1, n_ctx=64, n_batch=32, n_threads=1)
 t = b.model.tokenize("hello world")
-g = Generation(lambda emit: b.generate(0, t, sanitize(temperature=0, max_tokens=4), None, emit))
+g = Generation(lambda ch: b.generate(0, t, sanitize(temperature=0, max_tokens=4), None, ch))
 assert g.result().n_generated == 4
 b.close()
 """
@@ -609,7 +754,7 @@ def test_prefix_reuse_evaluates_only_what_is_new(backend: CompletionBackend) -> 
     # Reuse never changes the reply: a cold start gives the same text.
     _, other = run(backend, tokens_of(backend, "world"), temperature=0, max_tokens=2)
     assert other.n_evaluated == other.n_prompt - 1
-    with backend.guard:  # the Llama is touched only under the guard
+    with backend._guard:  # the Llama is touched only under the guard
         llama.reset()  # forget everything: a cold start
     _, r4 = run(backend, second, temperature=0, max_tokens=6)
     assert r4.n_evaluated == r4.n_prompt
@@ -621,6 +766,9 @@ def test_errors_reach_their_caller_and_the_worker_survives(
     backend: CompletionBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tokens = tokens_of(backend)
+    # Greedy: the first token is text, never end-of-generation (sampled, it is about 1 in 100),
+    # so every failure below happens after it.
+    greedy = sanitize(temperature=0)
     real = backend.llama.generate
 
     def failing(message: str, exc_type: type[BaseException]) -> Callable[..., Iterator[int]]:
@@ -635,29 +783,31 @@ def test_errors_reach_their_caller_and_the_worker_survives(
     monkeypatch.setattr(
         backend.llama, "generate", failing("llama_decode returned -1", RuntimeError)
     )
-    gen = Generation(lambda emit: backend.generate(0, tokens, sanitize(), None, emit))
+    gen = Generation(lambda channel: backend.generate(0, tokens, greedy, None, channel))
     with pytest.raises(DecodeError, match="llama_decode returned -1") as info:
-        gen.result()
+        bounded(gen.result)
     assert info.value.code == -1
     assert isinstance(info.value.__cause__, RuntimeError)
     assert backend.llama.n_tokens == 0  # the prefix cache was dropped after the failure
 
     monkeypatch.setattr(backend.llama, "generate", failing("boom", ZeroDivisionError))
-    gen = Generation(lambda emit: backend.generate(0, tokens, sanitize(), None, emit))
+    gen = Generation(lambda channel: backend.generate(0, tokens, greedy, None, channel))
     with pytest.raises(NativeError, match="boom"):
-        gen.result()
+        bounded(gen.result)
 
+    # A channel that fails to take text fails its own job only; the worker serves on.
     monkeypatch.setattr(backend.llama, "generate", real)
-    done = threading.Event()
 
-    def broken_emit(event: Event) -> None:
-        if event[0] == "text":
+    class BrokenChannel(Channel):
+        def put(self, text: str) -> None:
             raise RuntimeError("the consumer's queue is gone")
-        done.set()
 
-    job = backend.generate(0, tokens, sanitize(), None, broken_emit)
-    assert job.done.wait(TIMEOUT)
-    assert backend.thread.is_alive()
+    job = backend.generate(0, tokens, greedy, None, BrokenChannel())
+    end = end_of(job)
+    assert isinstance(end, NativeError), end
+    assert "the consumer's queue is gone" in str(end)
+    assert isinstance(end.__cause__, RuntimeError)
+    assert backend._thread.is_alive()
     assert run(backend, tokens, seq_id=0, max_tokens=3)[1].n_generated == 3
 
 
@@ -668,13 +818,13 @@ def test_asyncio_consumer(backend: CompletionBackend) -> None:
     async def main() -> list[str]:
         async def one(seq_id: int) -> str:
             gen = AsyncGeneration(
-                lambda emit: backend.generate(
-                    seq_id, tokens, sanitize(temperature=0, max_tokens=12), None, emit
+                lambda channel: backend.generate(
+                    seq_id, tokens, sanitize(temperature=0, max_tokens=12), None, channel
                 )
             )
             return "".join([chunk async for chunk in gen])
 
-        return await asyncio.gather(*(one(i) for i in range(4)))
+        return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(4))), TIMEOUT)
 
     assert asyncio.run(main()) == [expected] * 4
 
@@ -703,7 +853,7 @@ def real() -> Iterator[tuple[CompletionBackend, llama_cpp.Llama]]:
         verbose=False,
     )
     yield b, direct
-    b.close()
+    bounded(b.close)
     direct.close()
 
 
@@ -750,12 +900,12 @@ def test_real_model_cancel_mid_stream(real: tuple[CompletionBackend, llama_cpp.L
         "<|im_start|>user\nWrite a long story about a dragon.<|im_end|>\n<|im_start|>assistant\n"
     )
     gen = Generation(
-        lambda emit: backend.generate(
-            0, tokens, sanitize(temperature=0, max_tokens=200), None, emit
+        lambda channel: backend.generate(
+            0, tokens, sanitize(temperature=0, max_tokens=200), None, channel
         )
     )
-    next(gen)
-    gen.close()
-    result = gen.result()
+    assert bounded(lambda: next(gen))
+    bounded(gen.close)
+    result = bounded(gen.result)
     assert result.finish_reason == "cancelled"
     assert result.n_generated < 200

@@ -16,11 +16,14 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQUENCES = 2
@@ -58,15 +61,15 @@ def _stop(proc: subprocess.Popen[bytes]) -> int:
         raise
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[Server]:
+@contextmanager
+def _serving(log: Path, n_ctx: int) -> Iterator[Server]:
+    """The app under uvicorn, answering on a free port; stopped (if still running) on exit."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("web_app") / "server.log"
     env = {
         **os.environ,
         "SEQLEASE_SEQUENCES": str(SEQUENCES),
         "SEQLEASE_THREADS": "1",
-        "SEQLEASE_N_CTX": "1024",
+        "SEQLEASE_N_CTX": str(n_ctx),
         "GGML_NO_BACKTRACE": "1",
     }
     command = [
@@ -100,6 +103,12 @@ def server(tmp_path_factory) -> Iterator[Server]:
     finally:
         if proc.poll() is None:
             _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[Server]:
+    with _serving(tmp_path_factory.mktemp("web_app") / "server.log", n_ctx=1024) as srv:
+        yield srv
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -204,6 +213,252 @@ def test_bad_requests_are_422_before_any_lease(server, endpoint, body, complaint
     assert after["acquires"] == before["acquires"]
 
 
+# -- malformed bodies: always a 4xx that names the problem, never a 500 ---------------------
+
+JSON = "application/json"
+#: Placeholder, in the raw bodies below, for the endpoint's text field: message or topic.
+TEXT = "@TEXT"
+#: Nesting deeper than Python's recursion limit: the JSON parser gives up.
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+# (id, raw body, content type, the field the answer must name: TEXT for the endpoint's text
+# field, None when the problem is the body as a whole). The bodies are raw bytes because
+# json.dumps cannot write most of them (a lone surrogate, bad UTF-8) or would refuse to.
+MALFORMED: list[tuple[str, bytes, str | None, str | None]] = [
+    # Numbers Python's JSON parser reads but no field can hold.
+    ("temperature-nan", b'{"@TEXT": "hi", "temperature": NaN}', JSON, "temperature"),
+    ("temperature-inf", b'{"@TEXT": "hi", "temperature": Infinity}', JSON, "temperature"),
+    ("temperature-neg-inf", b'{"@TEXT": "hi", "temperature": -Infinity}', JSON, "temperature"),
+    ("temperature-1e400", b'{"@TEXT": "hi", "temperature": 1e400}', JSON, "temperature"),
+    ("max_tokens-1e400", b'{"@TEXT": "hi", "max_tokens": 1e400}', JSON, "max_tokens"),
+    ("max_tokens-nan", b'{"@TEXT": "hi", "max_tokens": NaN}', JSON, "max_tokens"),
+    ("seed-nan", b'{"@TEXT": "hi", "seed": NaN}', JSON, "seed"),
+    ("seed-neg-inf", b'{"@TEXT": "hi", "seed": -Infinity}', JSON, "seed"),
+    (
+        "max_tokens-10**400",
+        b'{"@TEXT": "hi", "max_tokens": 1' + b"0" * 400 + b"}",
+        JSON,
+        "max_tokens",
+    ),
+    ("seed-10**400", b'{"@TEXT": "hi", "seed": 1' + b"0" * 400 + b"}", JSON, "seed"),
+    (
+        "temperature-10**400",
+        b'{"@TEXT": "hi", "temperature": 1' + b"0" * 400 + b"}",
+        JSON,
+        "temperature",
+    ),
+    # More digits than Python converts (sys.get_int_max_str_digits): the parser refuses.
+    ("seed-10**5000", b'{"@TEXT": "hi", "seed": 1' + b"0" * 5000 + b"}", JSON, None),
+    # Out of range.
+    ("max_tokens-0", b'{"@TEXT": "hi", "max_tokens": 0}', JSON, "max_tokens"),
+    ("max_tokens-negative", b'{"@TEXT": "hi", "max_tokens": -5}', JSON, "max_tokens"),
+    ("max_tokens-1025", b'{"@TEXT": "hi", "max_tokens": 1025}', JSON, "max_tokens"),
+    ("temperature-negative", b'{"@TEXT": "hi", "temperature": -0.5}', JSON, "temperature"),
+    ("temperature-2.5", b'{"@TEXT": "hi", "temperature": 2.5}', JSON, "temperature"),
+    ("seed-negative", b'{"@TEXT": "hi", "seed": -1}', JSON, "seed"),
+    ("seed-2**32", b'{"@TEXT": "hi", "seed": 4294967296}', JSON, "seed"),
+    # Wrong types, booleans where numbers are expected included.
+    ("max_tokens-true", b'{"@TEXT": "hi", "max_tokens": true}', JSON, "max_tokens"),
+    ("temperature-false", b'{"@TEXT": "hi", "temperature": false}', JSON, "temperature"),
+    ("seed-true", b'{"@TEXT": "hi", "seed": true}', JSON, "seed"),
+    ("max_tokens-string", b'{"@TEXT": "hi", "max_tokens": "8"}', JSON, "max_tokens"),
+    ("max_tokens-8.0", b'{"@TEXT": "hi", "max_tokens": 8.0}', JSON, "max_tokens"),
+    ("max_tokens-8.5", b'{"@TEXT": "hi", "max_tokens": 8.5}', JSON, "max_tokens"),
+    ("max_tokens-null", b'{"@TEXT": "hi", "max_tokens": null}', JSON, "max_tokens"),
+    ("temperature-string", b'{"@TEXT": "hi", "temperature": "0.5"}', JSON, "temperature"),
+    ("seed-list", b'{"@TEXT": "hi", "seed": [1]}', JSON, "seed"),
+    ("seed-nested", b'{"@TEXT": "hi", "seed": {"a": {"b": [1, 2]}}}', JSON, "seed"),
+    ("text-number", b'{"@TEXT": 5}', JSON, TEXT),
+    ("text-true", b'{"@TEXT": true}', JSON, TEXT),
+    ("text-list", b'{"@TEXT": ["hi"]}', JSON, TEXT),
+    ("text-object", b'{"@TEXT": {"text": "hi"}}', JSON, TEXT),
+    ("system_prompt-number", b'{"@TEXT": "hi", "system_prompt": 1}', JSON, "system_prompt"),
+    # Text that is no text: lone surrogates, NUL, blank, too long.
+    ("text-lone-surrogate", b'{"@TEXT": "\\ud800"}', JSON, TEXT),
+    ("text-low-surrogate", b'{"@TEXT": "ok \\udfff ok"}', JSON, TEXT),
+    ("text-surrogate-twice", b'{"@TEXT": "hi", "@TEXT": "\\ud800"}', JSON, TEXT),
+    (
+        "system_prompt-surrogate",
+        b'{"@TEXT": "hi", "system_prompt": "\\ud800"}',
+        JSON,
+        "system_prompt",
+    ),
+    ("key-surrogate", b'{"@TEXT": "hi", "\\ud800": 1}', JSON, None),
+    ("text-nul", b'{"@TEXT": "a\\u0000b"}', JSON, TEXT),
+    ("system_prompt-nul", b'{"@TEXT": "hi", "system_prompt": "\\u0000"}', JSON, "system_prompt"),
+    ("text-empty", b'{"@TEXT": ""}', JSON, TEXT),
+    ("text-whitespace", b'{"@TEXT": " \\t\\n\\u3000"}', JSON, TEXT),
+    ("system_prompt-empty", b'{"@TEXT": "hi", "system_prompt": ""}', JSON, "system_prompt"),
+    ("system_prompt-blank", b'{"@TEXT": "hi", "system_prompt": "  "}', JSON, "system_prompt"),
+    ("text-3-MB", b'{"@TEXT": "' + b"a" * 3_000_000 + b'"}', JSON, TEXT),
+    # An extra field (system_prompt, above, is one for /random).
+    ("extra-field", b'{"@TEXT": "hi", "temprature": 1}', JSON, "temprature"),
+    # Bodies that are not a JSON object.
+    ("body-list", b'["hi"]', JSON, None),
+    ("body-number", b"5", JSON, None),
+    ("body-null", b"null", JSON, None),
+    ("body-string", b'"hi"', JSON, None),
+    ("body-true", b"true", JSON, None),
+    ("body-not-json", b"hello", JSON, None),
+    ("body-truncated", b'{"@TEXT": "hi"', JSON, None),
+    ("body-whitespace", b" \n ", JSON, None),
+    ("body-nan", b"NaN", JSON, None),
+    ("body-too-deep", DEEP, JSON, None),
+    ("body-not-utf-8", b'{"@TEXT": "\xff\xfe"}', JSON, None),
+    ("body-latin-1", '{"@TEXT": "café"}'.encode("latin-1"), JSON, None),
+    # A JSON object sent as something else, or with no content type.
+    ("content-type-text", b'{"@TEXT": "hi"}', "text/plain", None),
+    ("content-type-form", b"@TEXT=hi", "application/x-www-form-urlencoded", None),
+    ("content-type-none", b'{"@TEXT": "hi"}', None, None),
+    ("content-type-text-not-utf-8", b"\xff\xfe\x00", "text/plain", None),
+]
+
+
+def _text_field(endpoint: str) -> str:
+    return "message" if endpoint == "/chat" else "topic"
+
+
+def _not_json(constant: str) -> None:
+    pytest.fail(f"{constant} is no JSON")
+
+
+def _locs(answer: dict) -> list[list]:
+    return [error["loc"] for error in answer["detail"]]
+
+
+@pytest.mark.parametrize("endpoint", ["/random", "/chat"])
+@pytest.mark.parametrize(
+    ("body", "content_type", "field"),
+    [pytest.param(body, ctype, field, id=name) for name, body, ctype, field in MALFORMED],
+)
+def test_malformed_bodies_are_4xx_naming_the_field(server, endpoint, body, content_type, field):
+    text_field = _text_field(endpoint)
+    body = body.replace(TEXT.encode(), text_field.encode())
+    field = text_field if field == TEXT else field
+    headers = {"content-type": content_type} if content_type else {}
+    before = _stats(None, server.url)
+    r = httpx.post(f"{server.url}{endpoint}", content=body, headers=headers, timeout=30)
+    assert r.status_code in (400, 422), (r.status_code, r.text[:500])
+    answer = r.json()  # a JSON body, whatever the client sent
+    assert answer["detail"]
+    if field is not None:
+        assert ["body", field] in _locs(answer), answer
+    # Refused before any work: no sequence was leased.
+    assert _stats(None, server.url)["acquires"] == before["acquires"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "complaint"),
+    [
+        ({"message": "hi", "temperature": float("nan")}, "temperature", "finite"),
+        ({"message": "\ud800"}, "message", "unicode"),
+        ({"message": "a\x00b"}, "message", "NUL"),
+        ({"message": "hi", "system_prompt": " "}, "system_prompt", "whitespace"),
+        ({"message": "hi", "max_tokens": True}, "max_tokens", "integer"),
+    ],
+)
+def test_the_422_says_what_is_wrong_in_valid_json(server, body, field, complaint):
+    # ensure_ascii (the default) writes a lone surrogate as the escape \ud800.
+    content = json.dumps(body, allow_nan=True).encode()
+    r = httpx.post(f"{server.url}/chat", content=content, headers={"content-type": JSON})
+    assert r.status_code == 422
+    json.loads(r.content.decode("utf-8"), parse_constant=_not_json)  # UTF-8, strict JSON
+    [error] = r.json()["detail"]
+    assert error["loc"] == ["body", field]
+    assert complaint.lower() in error["msg"].lower()
+
+
+def test_a_wrong_content_type_is_explained(server):
+    r = httpx.post(
+        f"{server.url}/chat", content=b"message=hi", headers={"content-type": "text/plain"}
+    )
+    assert r.status_code == 422
+    assert "application/json" in r.json()["detail"][0]["msg"]
+
+
+def test_a_422_quotes_at_most_a_little_of_a_huge_value(server):
+    r = httpx.post(f"{server.url}/chat", json={"message": "a" * 1_000_000}, timeout=30)
+    assert r.status_code == 422
+    assert len(r.content) < 1000
+
+
+def test_the_random_button_needs_no_body(server):
+    for content in (b"", b"{}"):
+        r = httpx.post(
+            f"{server.url}/random", content=content, headers={"content-type": JSON}, timeout=30
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["text"].strip()
+
+
+# Junk JSON: any value at all, and objects with the real field names among others. Strings
+# include lone surrogates and NUL, numbers NaN, infinities and integers of hundreds of digits.
+_strings = st.one_of(
+    st.text(max_size=8),
+    st.text(st.characters(categories=["Cs", "Cc", "Zs"]), max_size=4),
+    st.sampled_from(["", " ", "\x00", "\ud800", "hi"]),
+)
+_numbers = st.one_of(
+    st.integers(),
+    st.integers(min_value=-(10**400), max_value=10**400),
+    st.floats(allow_nan=True, allow_infinity=True),
+)
+_scalars = st.one_of(st.none(), st.booleans(), _numbers, _strings)
+_junk = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(_strings, inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_FIELDS = ("message", "topic", "system_prompt", "temperature", "seed")
+# Valid bodies happen (topic null, seed 3): max_tokens is never a valid count above 1, so that
+# one costs at most a token of generation instead of seconds.
+_max_tokens = _junk.filter(lambda v: not (type(v) is int and 1 < v <= 1024))
+
+
+@st.composite
+def _junk_bodies(draw: st.DrawFn) -> bytes:
+    body = draw(
+        st.one_of(
+            _junk,
+            st.fixed_dictionaries(
+                {"max_tokens": _max_tokens}, optional=dict.fromkeys(_FIELDS, _junk)
+            ),
+        )
+    )
+    if isinstance(body, dict) and "max_tokens" not in body:
+        body["max_tokens"] = 1
+    return json.dumps(body, allow_nan=True).encode()  # ensure_ascii: surrogates as escapes
+
+
+@pytest.mark.parametrize("endpoint", ["/random", "/chat"])
+def test_junk_json_is_never_a_server_error(server, endpoint):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+
+        @settings(max_examples=60, deadline=None, database=None)
+        @given(body=_junk_bodies())
+        def check(body: bytes) -> None:
+            r = client.post(endpoint, content=body, headers={"content-type": JSON})
+            assert r.status_code < 500, (body[:300], r.status_code, r.text[:300])
+            if r.status_code != 200:  # a 200 from /chat is an event stream
+                r.json()
+
+        check()
+
+
+def test_after_all_that_the_server_serves_and_holds_no_sequence(server):
+    # A 500 would have logged its traceback; a 4xx logs nothing (access log off).
+    assert "Traceback" not in server.output(), server.output()
+    r = httpx.post(f"{server.url}/random", json={"max_tokens": 8}, timeout=30)
+    assert r.status_code == 200
+    assert r.json()["text"].strip()
+    stats = _settled(server.url)
+    assert stats["leased"] == 0
+    assert stats["free"] == SEQUENCES
+    assert stats["leaked"] == 0
+
+
 def test_concurrent_requests_are_answered_or_busy_and_nothing_leaks(server):
     n = 20
     before = _settled(server.url)
@@ -304,6 +559,25 @@ def test_client_disconnect_mid_stream_frees_the_sequence_within_a_second(server)
     r = httpx.post(f"{server.url}/random", json={"max_tokens": 8}, timeout=30)
     assert r.status_code == 200
     assert r.json()["text"].strip()
+
+
+def test_a_prompt_longer_than_the_context_is_a_422_not_a_500(tmp_path):
+    # 200 characters of 4-byte UTF-8 that the tokenizer spells byte by byte: some 800 tokens.
+    topic = "\N{EGYPTIAN HIEROGLYPH A001}" * 200
+    with _serving(tmp_path / "server.log", n_ctx=128) as small:
+        r = httpx.post(f"{small.url}/random", json={"topic": topic, "max_tokens": 4}, timeout=30)
+        assert r.status_code == 422, r.text
+        [error] = r.json()["detail"]
+        assert error["type"] == "context_overflow"
+        assert "n_ctx=128" in error["msg"]
+        # /chat finds out after its 200 is sent: an error event ends the stream.
+        r = httpx.post(f"{small.url}/chat", json={"message": topic, "max_tokens": 4}, timeout=30)
+        assert r.status_code == 200
+        assert r.text.startswith("event: error\n")
+        assert "ContextOverflowError" in r.text
+        assert _settled(small.url)["leased"] == 0
+        assert _stop(small.proc) == 0
+    assert "Traceback" not in small.output(), small.output()
 
 
 def test_server_shuts_down_cleanly(server):

@@ -55,12 +55,14 @@ def check_number(name: str, value: object) -> float:
     An int too large for a float (``10**400``) counts as infinite: it is a number, just not
     one llama.cpp can use.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, not {describe(value)}")
+    if not isinstance(value, (int, float)):
         try:
             return check_number(name, operator.index(value))  # type: ignore[arg-type]
         except TypeError:  # not an integer type; maybe a numpy float
             pass
-        if hasattr(value, "__float__") and not isinstance(value, (str, bytes)):
+        if hasattr(value, "__float__") and not isinstance(value, (str, bytes, complex)):
             return check_number(name, float(value))  # numpy floats, Decimal, Fraction
         raise TypeError(f"{name} must be a number, not {describe(value)}")
     try:
@@ -95,7 +97,7 @@ def check_text(name: str, value: object, *, allow_empty: bool = True) -> str:
             "is not valid Unicode text: fix the text where it was decoded (errors='replace')"
         ) from None
     if not allow_empty and not value:
-        raise ValueError(f"{name} must not be empty")
+        raise ValueError(f"{name} must be a non-empty string, not ''")
     return value
 
 

@@ -50,6 +50,8 @@ class Backend(Protocol):
 
     #: "session" or "completion".
     name: str
+    #: Tokens one sequence holds: prompt and reply together.
+    n_ctx: int
 
     @property
     def model(self) -> ModelInfo:

@@ -12,6 +12,7 @@ from seqlease.checks import check_text
 from seqlease.errors import EmptyPromptError, MissingSequenceError, SessionReleasedError
 from seqlease.request.job import Result
 from seqlease.request.params import SamplingParams, sanitize
+from seqlease.request.prompt import check_prompt
 from seqlease.sequence import Sequence
 
 __all__ = ["ChatSession"]
@@ -162,6 +163,7 @@ class ChatSession:
         bos = self._template.bos_token
         # A template that writes BOS itself must not get a second one from the tokenizer.
         tokens = self._model.tokenize(rendered, add_special=not (bos and rendered.startswith(bos)))
+        check_prompt(tokens, self._seq._backend.n_ctx)  # at the call, not at the first chunk
         return tokens, params
 
     def _record(self, text: str, result: Result) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from seqlease.errors import NativeError
 from seqlease.request.params import SamplingParams
 from seqlease.request.text import TextAssembler
 
@@ -189,7 +190,10 @@ class Job:
                 self.say(self.text.finish())
             self.channel.end(self.result(reason))
         except Exception as exc:  # flushing failed: the caller still hears of the end
-            self.channel.end(exc)
+            logger.error("ending sequence %d's reply failed", self.seq_id, exc_info=exc)
+            error = NativeError(f"sequence {self.seq_id}: ending the reply failed: {exc!r}")
+            error.__cause__ = exc
+            self.channel.end(error)
         finally:
             self.done.set()
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypedDict
 
 from typing_extensions import Unpack
 
-from seqlease.checks import check_int, check_number, check_text, describe
+from seqlease.checks import check_int, check_number, describe
+from seqlease.request.text import check_stop
 
-__all__ = ["DEFAULTS", "SamplingKwargs", "SamplingParams", "check_stop", "sanitize"]
+__all__ = ["DEFAULTS", "SamplingKwargs", "SamplingParams", "sanitize"]
 
 _INT32_MAX = (1 << 31) - 1
 
@@ -100,21 +101,5 @@ def sanitize(**kwargs: Unpack[SamplingKwargs]) -> SamplingParams:
         repeat_penalty=rp,
         max_tokens=int(mt),
         seed=seed,
-        stop=check_stop(stop),
+        stop=check_stop(stop, allow_empty=False),
     )
-
-
-def check_stop(stop: object) -> tuple[str, ...]:
-    """Stop markers as a tuple of non-empty strings; ``None`` means none."""
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        stop = (stop,)
-    if isinstance(stop, (bytes, Mapping)) or not isinstance(stop, Iterable):
-        raise TypeError(f"stop must be a str or a sequence of str, not {describe(stop)}")
-    markers = tuple(stop)
-    for marker in markers:
-        check_text("stop", marker)
-        if not marker:
-            raise ValueError(f"stop markers must be non-empty strings, not {markers!r:.60}")
-    return markers

@@ -119,7 +119,13 @@ class AsyncGeneration(_Stream, AsyncIterator[str]):
 
     def __init__(self, start: Starter) -> None:
         """Submit the generation; must be called in the event loop that reads it."""
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "agenerate() and astream() need a running event loop: call them inside "
+                "async code, or use generate() / stream() in synchronous code"
+            ) from None
         ready = asyncio.Event()
         self._ready = ready
 

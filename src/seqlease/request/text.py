@@ -3,13 +3,36 @@
 from __future__ import annotations
 
 import codecs
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
-__all__ = ["TextAssembler", "trim_at_stop"]
+from seqlease.checks import check_text, describe
+
+__all__ = ["TextAssembler", "check_stop", "trim_at_stop"]
 
 
-def trim_at_stop(text: str, stop: Sequence[str]) -> str:
-    """Cut ``text`` at the earliest occurrence of any stop marker (the marker is dropped)."""
+def trim_at_stop(text: str, stop: str | Sequence[str]) -> str:
+    """Cut ``text`` at the earliest occurrence of any stop marker (the marker is dropped).
+
+    ``stop`` is one marker or a sequence of them; empty markers are ignored.
+    """
+    check_text("text", text)
+    return _trim(text, check_stop(stop, allow_empty=True))
+
+
+def check_stop(stop: object, *, allow_empty: bool) -> tuple[str, ...]:
+    """Stop markers as a tuple of strings: one ``str`` is one marker, ``None`` is none."""
+    if stop is None:
+        return ()
+    markers = (stop,) if isinstance(stop, str) else stop
+    if isinstance(markers, (bytes, Mapping)) or not isinstance(markers, Iterable):
+        raise TypeError(f"stop must be a str or a sequence of str, not {describe(stop)}")
+    found = tuple(markers)
+    for marker in found:
+        check_text("stop", marker, allow_empty=allow_empty)
+    return found
+
+
+def _trim(text: str, stop: Sequence[str]) -> str:
     cut = len(text)
     for marker in stop:
         if marker:
@@ -50,7 +73,7 @@ class TextAssembler:
         if self.stopped:
             self._pending = ""
             return ""
-        trimmed = trim_at_stop(pending, self._stop)
+        trimmed = _trim(pending, self._stop)
         if len(trimmed) < len(pending):
             self.stopped = True
             self._pending = ""
