@@ -235,7 +235,7 @@ _ACCEPTS: dict[str, Callable[[object], bool]] = {
     "prompt": lambda v: isinstance(v, str) or (isinstance(v, list) and all(map(_is_int, v))),
     "text": lambda v: isinstance(v, str),
     "system_prompt": lambda v: v is None or isinstance(v, str),
-    "stop": lambda v: v is None or isinstance(v, str) or isinstance(v, list),
+    "stop": lambda v: v is None or isinstance(v, (str, list)),
     "seed": lambda v: v is None or _is_int(v),
     "top_k": lambda v: v is None or _is_int(v),
     "abort": lambda v: v is None,
