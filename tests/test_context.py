@@ -281,3 +281,49 @@ def test_lowest_free_id_is_leased_first(ctx):
     a.release()
     with ctx.lease() as seq:
         assert seq.id == 0
+
+
+_SMALL_BATCH = """
+import sys
+sys.path.insert(0, "tests")
+import seqlease
+from tiny_model import tiny_model_path
+b, s = int(sys.argv[1]), int(sys.argv[2])
+try:
+    seqlease.Context(tiny_model_path(), sequences=s, n_batch=b, n_threads=1)
+except ValueError as exc:
+    print("refused:", exc)
+"""
+
+_SMALL_BATCH_NATIVE = """
+import sys
+sys.path.insert(0, "tests")
+from seqlease.native.context import NativeContext
+from seqlease.native.library import load_library
+from seqlease.native.memory import resolve_memory_api
+from seqlease.native.model import NativeModel
+from tiny_model import tiny_model_path
+lib = load_library()
+model = NativeModel(lib, tiny_model_path())
+ctx = NativeContext(lib, model, resolve_memory_api(lib)[0], n_seq_max=4, n_ctx_seq=64,
+                    n_batch=1, n_threads=1)
+print("created")
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("n_batch", "sequences"), [(1, 2), (3, 4), (7, 8), (100, 256)])
+def test_n_batch_below_sequences_is_refused_not_an_abort(run_python, n_batch, sequences):
+    done = run_python(_SMALL_BATCH, str(n_batch), str(sequences))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused: n_batch must be >= sequences" in done.stdout
+    assert f"n_batch={n_batch}" in done.stdout
+
+
+@pytest.mark.timeout(120)
+def test_without_the_check_llama_cpp_aborts(run_python):
+    # The control: the same context built below seqlease's check aborts the whole process on
+    # the llama-cpp-python this suite runs on (0.3.36); 0.3.12 and 0.3.8 accepted it.
+    done = run_python(_SMALL_BATCH_NATIVE)
+    assert done.returncode == -6, (done.returncode, done.stdout)
+    assert "GGML_ASSERT(n_outputs_max" in done.stderr

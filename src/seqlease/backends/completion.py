@@ -21,13 +21,11 @@ import logging
 import os
 import random
 import re
-import threading
 from typing import TYPE_CHECKING, Any
 
 from seqlease.backends.worker import JobWorker
 from seqlease.errors import (
     DecodeError,
-    InvalidSequenceError,
     ModelLoadError,
     NativeError,
     SeqleaseError,
@@ -35,9 +33,7 @@ from seqlease.errors import (
 from seqlease.model_path import check_model_file
 from seqlease.native.library import load_library
 from seqlease.native.model import NativeModel
-from seqlease.request.job import Channel, FinishReason, Job
-from seqlease.request.params import SamplingParams
-from seqlease.request.prompt import check_prompt
+from seqlease.request.job import FinishReason, Job
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -72,7 +68,8 @@ class CompletionBackend(JobWorker):
         """Load the model into a ``Llama`` of ``n_ctx`` tokens and start the worker thread.
 
         ``sequences`` is the size of the pool in front of this backend: any number of leases
-        share the one ``Llama``, so it only bounds the ids :meth:`generate` accepts.
+        share the one ``Llama``, so it only bounds the ids :meth:`generate` accepts. ``n_ctx``
+        bounds prompt plus reply (``Llama`` may round its own context up).
 
         Raises:
             ModelLoadError: the file is missing, not GGUF, or llama.cpp cannot load it.
@@ -103,7 +100,7 @@ class CompletionBackend(JobWorker):
                 "is damaged, too large for memory, or uses an architecture this "
                 f"llama-cpp-python build does not know (see logger 'seqlease.llama'): {exc}"
             ) from exc
-        super().__init__("seqlease-completion")
+        super().__init__("seqlease-completion", sequences=sequences, n_ctx=n_ctx)
         #: The ``llama_cpp.Llama``; not thread-safe: touch it only while holding the guard.
         self.llama: Llama = llama
         try:
@@ -111,9 +108,6 @@ class CompletionBackend(JobWorker):
         except BaseException:
             llama.close()
             raise
-        self.sequences = sequences
-        #: Tokens a prompt plus its reply may use (``Llama`` may round its own context up).
-        self.n_ctx = n_ctx
         # Partial KV removal fails on recurrent and hybrid models: Llama then evaluates the
         # whole prompt again, and n_evaluated must say so.
         self._partial_rm = not self.model.is_recurrent()
@@ -122,30 +116,6 @@ class CompletionBackend(JobWorker):
         self._start()
 
     # -- caller side ------------------------------------------------------------------------
-
-    def generate(
-        self,
-        seq_id: int,
-        prompt: list[int],
-        params: SamplingParams,
-        abort: threading.Event | None,
-        channel: Channel,
-    ) -> Job:
-        """Queue one generation for ``seq_id``; its text and end go to ``channel``.
-
-        Raises at once, before anything runs: :class:`ContextOverflowError` when the prompt
-        leaves no room for a reply, :class:`SequenceBusyError` when ``seq_id`` is already
-        generating, and :class:`ContextClosedError` after :meth:`close`.
-        """
-        if not 0 <= seq_id < self.sequences:
-            raise InvalidSequenceError(
-                f"sequence id {seq_id} is outside [0, {self.sequences}): lease a sequence "
-                "from the context instead of making up an id"
-            )
-        check_prompt(prompt, self.n_ctx)
-        job = Job(seq_id, prompt, params, channel, abort)
-        self.submit(job)
-        return job
 
     def clear_sequence(self, seq_id: int) -> None:
         """Cancel the sequence's queued or running generation and wait until it has ended.

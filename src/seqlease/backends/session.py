@@ -13,7 +13,6 @@ from seqlease.native.memory import resolve_memory_api
 from seqlease.native.model import NativeModel
 from seqlease.request.job import Channel, Job
 from seqlease.request.params import SamplingParams
-from seqlease.request.prompt import check_prompt
 
 __all__ = ["SessionBackend"]
 
@@ -62,11 +61,8 @@ class SessionBackend:
         abort: threading.Event | None,
         channel: Channel,
     ) -> Job:
-        """Submit one generation on ``seq_id`` (already validated); its text goes to ``channel``."""
-        check_prompt(prompt, self.n_ctx)
-        job = Job(seq_id, prompt, params, channel, abort)
-        self.engine.submit(job)
-        return job
+        """Queue one generation on ``seq_id``; its text and end go to ``channel``."""
+        return self.engine.generate(seq_id, prompt, params, abort, channel)
 
     def clear_sequence(self, seq_id: int) -> None:
         """Stop the sequence's generation, then remove every token from its KV memory."""

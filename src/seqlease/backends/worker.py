@@ -7,9 +7,11 @@ import logging
 import threading
 
 from seqlease.backends.lifetime import NativeLifetime
-from seqlease.errors import NativeError, SeqleaseError
-from seqlease.request.job import FinishReason, Job
+from seqlease.errors import InvalidSequenceError, NativeError, SeqleaseError
+from seqlease.request.job import Channel, FinishReason, Job
 from seqlease.request.jobs import JobTable
+from seqlease.request.params import SamplingParams
+from seqlease.request.prompt import check_prompt
 
 __all__ = ["JobWorker"]
 
@@ -24,8 +26,12 @@ class JobWorker(abc.ABC):
     ever waits for a thread that is gone. The memory is freed once, after the thread stopped.
     """
 
-    def __init__(self, thread_name: str) -> None:
-        """Set up; a subclass calls :meth:`_start` once it is ready to serve."""
+    def __init__(self, thread_name: str, *, sequences: int, n_ctx: int) -> None:
+        """Serve ``sequences`` ids of ``n_ctx`` tokens; a subclass then calls :meth:`_start`."""
+        #: Sequence ids this worker serves: ``[0, sequences)``.
+        self.sequences = sequences
+        #: Tokens one sequence holds, prompt and reply together.
+        self.n_ctx = n_ctx
         self._guard = threading.RLock()
         self._jobs = JobTable()
         self._lifetime = NativeLifetime(self._guard, self._free)
@@ -36,9 +42,30 @@ class JobWorker(abc.ABC):
 
     # -- caller side ------------------------------------------------------------------------
 
-    def submit(self, job: Job) -> None:
-        """Queue ``job``; raises when its sequence is busy or the worker cannot serve."""
+    def generate(
+        self,
+        seq_id: int,
+        prompt: list[int],
+        params: SamplingParams,
+        abort: threading.Event | None,
+        channel: Channel,
+    ) -> Job:
+        """Queue one generation for ``seq_id``; its text and end go to ``channel``.
+
+        Raises at once, before anything runs: :class:`InvalidSequenceError` for an id outside
+        the pool, :class:`ContextOverflowError` when the prompt leaves no room for a reply,
+        :class:`SequenceBusyError` when ``seq_id`` is already generating, and
+        :class:`ContextClosedError` after :meth:`close`.
+        """
+        if not 0 <= seq_id < self.sequences:
+            raise InvalidSequenceError(
+                f"sequence id {seq_id} is outside [0, {self.sequences}): lease a sequence "
+                "from the context instead of making up an id"
+            )
+        check_prompt(prompt, self.n_ctx)
+        job = Job(seq_id, prompt, params, channel, abort)
         self._jobs.submit(job)
+        return job
 
     def stop_sequence(self, seq_id: int) -> None:
         """Cancel the sequence's jobs and wait until the worker has let go of them."""

@@ -42,7 +42,7 @@ class Engine(JobWorker):
 
     def __init__(self, lib: ModuleType, native: NativeContext, *, prefill_chunk: int = 128) -> None:
         """Start the engine thread on ``native``."""
-        super().__init__("seqlease-engine")
+        super().__init__("seqlease-engine", sequences=native.n_seq_max, n_ctx=native.n_ctx_seq)
         self._lib = lib
         self._native = native
         self._model = native.model
