@@ -119,8 +119,12 @@ class Sequence:
         Raises:
             SequenceReleasedError: the handle was released.
             ContextOverflowError: the prompt does not fit in the sequence's ``n_ctx``.
-            SequenceBusyError: this sequence is already generating.
-            ValueError: a sampling argument is out of range.
+            SequenceBusyError: this sequence is already generating (a reply that was closed,
+                left early or dropped does not count).
+            EmptyPromptError: the prompt is empty or whitespace only.
+            TypeError: the prompt is not text or token ids, or ``abort`` has no ``is_set()``.
+            ValueError: a sampling argument is out of range, or a token id outside the
+                vocabulary.
 
         """
         return self.generate_with(prompt, sanitize(**sampling), abort=abort)
