@@ -174,6 +174,7 @@ def test_a_fault_fails_only_its_own_job(
     error, seconds = failure
     assert isinstance(error, seqlease.SeqleaseError)
     assert "injected" in repr(error.__cause__) or "injected" in str(error)
+    print(f"{backend}/{stage}: the faulty caller had its error after {seconds * 1000:.0f} ms")
     assert seconds < 1.0, f"the faulty caller waited {seconds:.2f} s for its error"
     assert texts == baseline
     monkeypatch.undo()
