@@ -15,6 +15,13 @@ def engine(ctx: seqlease.Context) -> Engine:
     return found
 
 
+def held_tokens(ctx: seqlease.Context, seq_id: int) -> tuple[int, ...]:
+    """The tokens the engine records for a sequence (llama.cpp should hold the same)."""
+    eng = engine(ctx)
+    with eng._guard:
+        return eng._ledger.tokens(seq_id)
+
+
 def fill(seq: seqlease.Sequence, n: int = 3) -> None:
     """Decode ``n`` tokens into a leased sequence so that clearing it has something to do."""
     eng = engine(seq.context)

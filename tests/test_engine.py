@@ -8,7 +8,7 @@ import threading
 import pytest
 
 import seqlease
-from helpers import engine, native_pos_max, wait_for
+from helpers import engine, held_tokens, native_pos_max, wait_for
 from seqlease.request.text import TextAssembler
 
 PROMPTS = [
@@ -112,7 +112,7 @@ def test_cancel_one_sequence_mid_batch(ctx):
         assert engine(ctx).steps - steps <= 2
         assert gen.result().finish_reason == "cancelled"
         # The sequence is consistent: llama.cpp holds exactly the tokens seqlease tracks.
-        assert seq.n_tokens == len(engine(ctx).held_tokens(seq.id))
+        assert seq.n_tokens == len(held_tokens(ctx, seq.id))
         again = seq.generate("Count slowly: one, two,", temperature=0, max_tokens=5).result()
         assert again.n_evaluated == 1  # everything but the last prompt token was kept
     for t in threads:
@@ -179,7 +179,7 @@ def test_prefix_reuse_evaluates_only_the_suffix(ctx):
         first = seq.generate("The history of the printing press", temperature=0, max_tokens=16)
         r1 = first.result()
         assert r1.n_evaluated == r1.n_prompt
-        held = list(engine(ctx).held_tokens(seq.id))
+        held = list(held_tokens(ctx, seq.id))
         follow = "The history of the printing press" + r1.text + " And then"
         tokens = model.tokenize(follow)
         common = 0
@@ -240,7 +240,7 @@ def test_release_while_generating_cancels_and_clears(ctx):
     next(gen)
     seq.release()
     assert gen.result().finish_reason == "cancelled"
-    assert engine(ctx).held_tokens(seq.id) == ()
+    assert held_tokens(ctx, seq.id) == ()
     assert native_pos_max(ctx, seq.id) == -1
 
 

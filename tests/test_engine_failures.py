@@ -12,7 +12,7 @@ import threading
 import pytest
 
 import seqlease
-from helpers import engine
+from helpers import engine, held_tokens
 from seqlease.errors import DecodeError
 from tiny_model import tiny_model_path
 
@@ -71,7 +71,7 @@ def test_a_failed_decode_reaches_only_its_callers_and_the_engine_lives_on(ctx):
         poisoned.add(bad.id)
         with pytest.raises(DecodeError, match=f"sequence {bad.id}"):
             bad.generate("hello world", max_tokens=4).result()
-        assert bad.n_tokens == len(engine(ctx).held_tokens(bad.id)) == 0
+        assert bad.n_tokens == len(held_tokens(ctx, bad.id)) == 0
         poisoned.clear()
         assert good.generate("hello", temperature=0, max_tokens=3).result().n_generated >= 1
         assert bad.generate("hello", temperature=0, max_tokens=3).result().n_generated >= 1

@@ -16,12 +16,13 @@ from seqlease.backends.session import SessionBackend
 from seqlease.chat.template import USER_TURN_MARKERS
 from seqlease.checks import check_int, check_text, check_timeout, describe
 from seqlease.detection import Capabilities, detect
-from seqlease.errors import BackendUnavailableError, EmptyPromptError
+from seqlease.errors import BackendUnavailableError
 from seqlease.model_path import default_model_path
 from seqlease.native.library import load_library
 from seqlease.pool import PoolStats, SequencePool, Slot
 from seqlease.pool.origin import caller_origin
 from seqlease.request.params import sanitize
+from seqlease.request.prompt import prompt_text
 from seqlease.sequence import AsyncLease, Lease, Sequence
 
 __all__ = ["MAX_SEQUENCES", "Context"]
@@ -197,9 +198,7 @@ class Context:
             EmptyPromptError: ``prompt`` is empty or whitespace only.
 
         """
-        check_text("prompt", prompt)
-        if not prompt.strip():
-            raise EmptyPromptError(f"the prompt is empty: got {prompt!r:.40}; send some text")
+        prompt_text("prompt", prompt)  # before the lease, like the sampling arguments
         if sampling.get("stop") is None:
             sampling["stop"] = USER_TURN_MARKERS
         params = sanitize(**sampling)  # before the lease: bad arguments never take a sequence

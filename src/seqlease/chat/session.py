@@ -9,10 +9,10 @@ from typing import Any
 from seqlease.chat.template import USER_TURN_MARKERS, ChatTemplate
 from seqlease.chat.turns import TurnGuard
 from seqlease.checks import check_text
-from seqlease.errors import EmptyPromptError, MissingSequenceError, SessionReleasedError
+from seqlease.errors import MissingSequenceError, SessionReleasedError
 from seqlease.request.job import Result
 from seqlease.request.params import SamplingParams, sanitize
-from seqlease.request.prompt import check_prompt
+from seqlease.request.prompt import check_prompt, prompt_text
 from seqlease.sequence import Sequence
 
 __all__ = ["ChatSession"]
@@ -152,10 +152,7 @@ class ChatSession:
             raise SessionReleasedError(
                 f"this session's sequence {self._seq.id} was released: {_FIX}"
             )
-        check_text("text", text)
-        assert isinstance(text, str)
-        if not text.strip():
-            raise EmptyPromptError(f"the prompt is empty: got {text!r:.40}; send some text")
+        text = prompt_text("text", text)
         if sampling.get("stop") is None:
             sampling = {**sampling, "stop": USER_TURN_MARKERS + self._template.end_of_turn}
         params = sanitize(**sampling)  # unknown names raise TypeError, bad values ValueError

@@ -70,11 +70,6 @@ class Engine(JobWorker):
         with self._guard:
             return self._native.seq_pos_max(seq_id) + 1
 
-    def held_tokens(self, seq_id: int) -> tuple[int, ...]:
-        """The tokens the engine records for a sequence (llama.cpp holds the same)."""
-        with self._guard:
-            return self._ledger.tokens(seq_id)
-
     def _free(self) -> None:
         self._native.close()
         self._model.close()

@@ -90,14 +90,13 @@ class Channel:
         """Whether the end is known (chunks may still be unread)."""
         return self._end is not None
 
-    def take(self, timeout: float | None = None) -> str | None:
-        """The next chunk, waiting up to ``timeout``; ``None`` at the end (or on timeout).
+    def take(self) -> str | None:
+        """The next chunk, waiting for one; ``None`` at the end.
 
         Raises the generation's error once every chunk before it has been taken.
         """
         with self._cond:
-            if not self._chunks and self._end is None:
-                self._cond.wait(timeout)
+            self._cond.wait_for(lambda: self._chunks or self._end is not None)
             return self._next()
 
     def take_ready(self) -> str | None:

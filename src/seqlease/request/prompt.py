@@ -9,7 +9,7 @@ from typing import Protocol
 from seqlease.checks import check_text, describe
 from seqlease.errors import ContextOverflowError, EmptyPromptError
 
-__all__ = ["Tokenizer", "check_prompt", "prompt_tokens"]
+__all__ = ["Tokenizer", "check_prompt", "prompt_text", "prompt_tokens"]
 
 
 class Tokenizer(Protocol):
@@ -27,6 +27,22 @@ class Tokenizer(Protocol):
         ...
 
 
+def prompt_text(name: str, text: object) -> str:
+    """``text`` as a prompt: a valid Unicode ``str`` with something besides whitespace.
+
+    Raises:
+        TypeError: not a ``str``.
+        ValueError: a lone surrogate.
+        EmptyPromptError: empty, or whitespace only.
+
+    """
+    check_text(name, text)
+    assert isinstance(text, str)
+    if not text.strip():
+        raise EmptyPromptError(f"the prompt is empty: got {name}={text!r:.40}; send some text")
+    return text
+
+
 def prompt_tokens(prompt: object, model: Tokenizer) -> list[int]:
     """``prompt`` (text, or token ids) as a list of token ids inside the vocabulary.
 
@@ -37,10 +53,7 @@ def prompt_tokens(prompt: object, model: Tokenizer) -> list[int]:
 
     """
     if isinstance(prompt, str):
-        check_text("prompt", prompt)
-        if not prompt.strip():
-            raise EmptyPromptError(f"the prompt is empty: got {prompt!r:.40}; send some text")
-        return model.tokenize(prompt)
+        return model.tokenize(prompt_text("prompt", prompt))
     if isinstance(prompt, (bytes, bytearray, memoryview, Mapping)) or not isinstance(
         prompt, Iterable
     ):

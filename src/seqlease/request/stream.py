@@ -48,9 +48,6 @@ class _Stream:
                 "result() to wait for the whole reply elsewhere)"
             )
 
-    def _cancel(self) -> None:
-        self._job.cancel()
-
     @property
     def finished(self) -> bool:
         """Whether the reply has ended (the worker let go of it)."""
@@ -77,10 +74,8 @@ class Generation(_Stream, Iterator[str]):
         self._enter_read()
         try:
             chunk = self._job.channel.take()
-            while chunk is None and not self._job.channel.ended:
-                chunk = self._job.channel.take()
         except KeyboardInterrupt:  # Ctrl-C while waiting: stop the reply too
-            self._cancel()
+            self._job.cancel()
             raise
         finally:
             self._reader.release()
@@ -99,7 +94,7 @@ class Generation(_Stream, Iterator[str]):
         available (``finish_reason == "cancelled"`` unless it had already ended).
         """
         if not self._job.done.is_set():
-            self._cancel()
+            self._job.cancel()
             self._job.done.wait()
 
     def __enter__(self) -> Self:
@@ -137,23 +132,21 @@ class AsyncGeneration(_Stream, AsyncIterator[str]):
 
     async def __anext__(self) -> str:
         self._enter_read()
+        channel = self._job.channel
         try:
-            channel = self._job.channel
-            while (chunk := channel.take_ready()) is None and not channel.ended:
+            while True:
                 self._ready.clear()
-                if (chunk := channel.take_ready()) is not None or channel.ended:
-                    break
+                ended = channel.ended  # read first: every chunk is put before the end
+                if (chunk := channel.take_ready()) is not None:
+                    return chunk
+                if ended:
+                    raise StopAsyncIteration
                 await self._ready.wait()
-        except BaseException:  # the reading task was cancelled: stop the reply too
-            self._cancel()
+        except asyncio.CancelledError:  # the reading task was cancelled: stop the reply too
+            self._job.cancel()
             raise
         finally:
             self._reader.release()
-        if chunk is None:
-            chunk = channel.take_ready()  # a chunk that arrived with the end
-        if chunk is None:
-            raise StopAsyncIteration
-        return chunk
 
     async def result(self) -> Result:
         """Wait (without blocking the loop) for the end of the reply and return it."""
@@ -163,7 +156,7 @@ class AsyncGeneration(_Stream, AsyncIterator[str]):
     async def aclose(self) -> None:
         """Stop the generation and wait, without blocking the loop, until it has stopped."""
         if not self._job.channel.ended:
-            self._cancel()
+            self._job.cancel()
             await self._wait_done()
 
     async def _wait_done(self) -> None:
