@@ -12,6 +12,7 @@ import operator
 from typing import Any
 
 __all__ = [
+    "check_bool",
     "check_callable",
     "check_int",
     "check_number",
@@ -27,6 +28,13 @@ def describe(value: object) -> str:
     if len(text) > 60:
         text = text[:57] + "..."
     return f"{text} ({type(value).__name__})"
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` if it is a bool: a switch given ``1`` or ``"no"`` is a mistake, not a choice."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {describe(value)}")
+    return value
 
 
 def check_int(name: str, value: object, low: int, high: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import weakref
@@ -14,7 +15,7 @@ from seqlease.backends.base import Backend, BackendInfo
 from seqlease.backends.completion import CompletionBackend
 from seqlease.backends.session import SessionBackend
 from seqlease.chat.template import USER_TURN_MARKERS
-from seqlease.checks import check_int, check_text, check_timeout, describe
+from seqlease.checks import check_bool, check_int, check_text, check_timeout, describe
 from seqlease.detection import Capabilities, detect
 from seqlease.errors import BackendUnavailableError
 from seqlease.model_path import default_model_path
@@ -58,8 +59,18 @@ class Context:
         n_threads: int | None = None,
         max_waiting: int | None = None,
         n_batch: int = 512,
+        prefix_cache: bool = True,
+        prefix_cache_tokens: int | None = None,
+        kv_unified: bool | None = None,
     ) -> None:
         """Load the model and create the context.
+
+        Prompt prefixes are shared: tokens another sequence (or the prefix cache) holds are
+        copied, not evaluated again. ``prefix_cache_tokens`` (default: ``n_ctx``) is the KV
+        memory the cache may keep on top of the leases' own, so it never takes a lease's room;
+        ``prefix_cache=False`` shares nothing. ``kv_unified=None`` lets seqlease choose one KV
+        buffer for all sequences (what sharing a prefix's cells needs); ``False`` gives each
+        sequence its own stream, where a prefix is copied whole (llama-cpp-python 0.3.15+).
 
         Raises:
             ValueError: an argument is out of range (the message says the allowed range).
@@ -81,6 +92,11 @@ class Context:
             check_int("n_threads", n_threads, 1, 1024)
         if max_waiting is not None:
             check_int("max_waiting", max_waiting, 0, 1 << 30)
+        check_bool("prefix_cache", prefix_cache)
+        if prefix_cache_tokens is not None:
+            check_int("prefix_cache_tokens", prefix_cache_tokens, 0, 1 << 24)
+        if kv_unified is not None:
+            check_bool("kv_unified", kv_unified)
         if not isinstance(backend, str) or backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, not {describe(backend)}")
         if model_path is not None and not isinstance(model_path, (str, os.PathLike)):
@@ -99,7 +115,14 @@ class Context:
             "n_threads": n_threads or default_threads(),
         }
         self._backend: Backend = (
-            SessionBackend(load_library(), self.model_path, **options)
+            SessionBackend(
+                load_library(),
+                self.model_path,
+                **options,
+                prefix_cache=prefix_cache,
+                prefix_cache_tokens=n_ctx if prefix_cache_tokens is None else prefix_cache_tokens,
+                kv_unified=kv_unified is not False,
+            )
             if chosen == "session"
             else CompletionBackend(self.model_path, **options)
         )
@@ -208,8 +231,14 @@ class Context:
     # -- lifecycle --------------------------------------------------------------------------
 
     def stats(self) -> PoolStats:
-        """A frozen snapshot of the pool: sizes, counters and who holds what."""
-        return self._pool.stats()
+        """A frozen snapshot of the pool: sizes, counters, who holds what, prefixes reused."""
+        prefixes = self._backend.prefix_stats()
+        return dataclasses.replace(
+            self._pool.stats(),
+            prefix_hits=prefixes.hits,
+            prefix_tokens_reused=prefixes.tokens_reused,
+            prefix_cached_tokens=prefixes.cached,
+        )
 
     @property
     def closed(self) -> bool:

@@ -60,9 +60,7 @@ def detect_from(lib: Any, llama_class: Any, version: str | None) -> Capabilities
     memory, reasons_t = resolve_memory_api(lib)
     reasons = list(reasons_t)
     missing = names.missing(lib, names.SESSION_NEEDS)
-    params = getattr(lib, "llama_context_params", None)
-    fields = {name for name, *_ in getattr(params, "_fields_", ())}
-    if "n_seq_max" not in fields:
+    if "n_seq_max" not in names.context_fields(lib):
         missing.append("a context with several sequences (llama_context_params.n_seq_max)")
     if memory is None:
         missing.append("per-sequence memory operations")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from typing_extensions import Unpack
 
-from seqlease.checks import check_callable, describe
+from seqlease.checks import check_callable, check_timeout, describe
 from seqlease.errors import SequenceReleasedError
 from seqlease.loop_bridge import wake_from_thread
 from seqlease.request.job import Channel, Job
@@ -186,6 +186,30 @@ class Sequence:
         self.check()
         return self._backend.generate(self._slot.seq_id, tokens, params, abort, channel)
 
+    def fork(self, timeout: float | None = None) -> Sequence:
+        """Lease another sequence holding a copy of this one's memory now.
+
+        For n-best answers, branching agents and "regenerate": each branch continues from the
+        same tokens without evaluating them again (one KV buffer: the copy shares their
+        cells). Waits for a free sequence as :meth:`Context.acquire` does (``timeout``
+        likewise); release the new handle like any other (``with seq.fork() as other:``).
+        On the completion backend no sequence holds tokens, so the fork starts empty too.
+
+        Raises:
+            SequenceReleasedError: this handle was released.
+            PoolExhausted: no sequence became free within ``timeout``.
+
+        """
+        self.check()
+        child = self._context.acquire(check_timeout(timeout))
+        try:
+            self.check()  # released by another thread while we waited for a sequence
+            self._backend.fork_sequence(self._slot.seq_id, child.id)
+        except BaseException:
+            child.release()
+            raise
+        return child
+
     def add_closer(self, close: Callable[[], None]) -> None:
         """Run ``close`` when the lease ends, before the memory is cleared (newest first)."""
         if not callable(close):
@@ -215,6 +239,17 @@ class Sequence:
                     logger.exception("closing a session of sequence %d failed", self.id)
         finally:
             self._pool.finish_release(self._slot)
+
+    def __enter__(self) -> Sequence:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
 
     def __repr__(self) -> str:
         state = "released" if self.released else "leased"

@@ -9,7 +9,7 @@ from typing import Protocol
 from seqlease.request.job import Channel, Job
 from seqlease.request.params import SamplingParams
 
-__all__ = ["Backend", "BackendInfo", "ModelInfo"]
+__all__ = ["Backend", "BackendInfo", "ModelInfo", "PrefixStats"]
 
 
 class ModelInfo(Protocol):
@@ -82,6 +82,14 @@ class Backend(Protocol):
         """Tokens the sequence holds in memory."""
         ...
 
+    def fork_sequence(self, src: int, dst: int) -> None:
+        """Make the idle, empty ``dst`` hold a copy of everything ``src`` holds."""
+        ...
+
+    def prefix_stats(self) -> PrefixStats:
+        """Prompt tokens reused across sequences so far."""
+        ...
+
     def close(self) -> None:
         """Free everything; idempotent."""
         ...
@@ -93,3 +101,15 @@ class BackendInfo:
 
     #: ``"session"`` (batched, multi-sequence) or ``"completion"`` (``llama_cpp.Llama``).
     name: str
+
+
+@dataclass(frozen=True)
+class PrefixStats:
+    """How often a prompt started from a prefix another sequence (or the cache) held."""
+
+    #: Generations that copied part of their prompt instead of evaluating it.
+    hits: int
+    #: Prompt tokens copied instead of evaluated.
+    tokens_reused: int
+    #: Tokens the prefix cache holds now.
+    cached: int

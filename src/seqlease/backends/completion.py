@@ -23,6 +23,7 @@ import random
 import re
 from typing import TYPE_CHECKING, Any
 
+from seqlease.backends.base import PrefixStats
 from seqlease.backends.worker import JobWorker
 from seqlease.errors import (
     DecodeError,
@@ -113,6 +114,8 @@ class CompletionBackend(JobWorker):
         self._partial_rm = not self.model.is_recurrent()
         #: Jobs the worker has taken from the queue and ended (any way), for tests and stats.
         self.completed = 0
+        self._hits = 0
+        self._reused = 0
         self._start()
 
     # -- caller side ------------------------------------------------------------------------
@@ -131,6 +134,18 @@ class CompletionBackend(JobWorker):
         generation (of whichever sequence) is a cache any sequence may reuse, not its memory.
         """
         return 0
+
+    def fork_sequence(self, src: int, dst: int) -> None:
+        """Nothing to copy: no sequence holds tokens here (see :meth:`n_tokens`)."""
+
+    def prefix_stats(self) -> PrefixStats:
+        """Prompt tokens ``Llama`` kept from the previous generation, whichever lease ran it.
+
+        Its one sequence is this backend's whole prefix cache: no budget, no eviction.
+        """
+        return PrefixStats(
+            hits=self._hits, tokens_reused=self._reused, cached=int(self.llama.n_tokens)
+        )
 
     def _free(self) -> None:
         self.model.close()
@@ -171,6 +186,9 @@ class CompletionBackend(JobWorker):
         # (128 -> 256), while Llama.input_ids holds only the n_ctx it was given.
         limit = min(p.max_tokens, self.n_ctx - len(prompt))
         job.n_evaluated = self._to_evaluate(prompt)
+        if job.n_evaluated < len(prompt):
+            self._hits += 1
+            self._reused += len(prompt) - job.n_evaluated
         seed = random.getrandbits(32) if p.seed is None else p.seed & 0xFFFFFFFF
         # What create_completion does before it calls generate(): the sampler chain that
         # generate() builds reads both.

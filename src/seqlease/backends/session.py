@@ -6,11 +6,14 @@ import os
 import threading
 from types import ModuleType
 
+from seqlease.backends.base import PrefixStats
 from seqlease.engine.engine import Engine
+from seqlease.engine.layout import plan_layout
 from seqlease.errors import BackendUnavailableError
 from seqlease.native.context import NativeContext
 from seqlease.native.memory import resolve_memory_api
 from seqlease.native.model import NativeModel
+from seqlease.native.names import max_sequences
 from seqlease.request.job import Channel, Job
 from seqlease.request.params import SamplingParams
 
@@ -31,27 +34,45 @@ class SessionBackend:
         n_ctx: int,
         n_batch: int,
         n_threads: int,
+        prefix_cache: bool = True,
+        prefix_cache_tokens: int = 0,
+        kv_unified: bool = True,
     ) -> None:
-        """Load the model and create the context (the model is freed again if that fails)."""
+        """Load the model and create the context (the model is freed again if that fails).
+
+        ``prefix_cache=False`` turns prefix sharing off; ``prefix_cache_tokens`` is the
+        cache's budget on top of the leases' memory.
+        """
         memory, reasons = resolve_memory_api(lib)
         if memory is None:
             raise BackendUnavailableError("; ".join(reasons))
+        layout = plan_layout(
+            sequences=sequences,
+            n_ctx_seq=n_ctx,
+            cache_tokens=prefix_cache_tokens if prefix_cache else 0,
+            unified=kv_unified,
+            max_seq=max_sequences(lib),
+        )
         self.model = NativeModel(lib, model_path)
         try:
             native = NativeContext(
                 lib,
                 self.model,
                 memory,
-                n_seq_max=sequences,
+                n_seq_max=layout.n_seq_max,
                 n_ctx_seq=n_ctx,
+                n_ctx_total=layout.n_ctx_total,
                 n_batch=n_batch,
                 n_threads=n_threads,
+                kv_unified=kv_unified,
             )
         except BaseException:
             self.model.close()
             raise
         self.n_ctx = native.n_ctx_seq
-        self.engine = Engine(lib, native)
+        #: How the KV memory is split between leases and the prefix cache.
+        self.layout = layout
+        self.engine = Engine(lib, native, layout, share_prefixes=prefix_cache)
 
     def generate(
         self,
@@ -71,6 +92,14 @@ class SessionBackend:
     def n_tokens(self, seq_id: int) -> int:
         """Tokens a sequence holds, as llama.cpp reports it (highest position + 1)."""
         return self.engine.n_tokens(seq_id)
+
+    def fork_sequence(self, src: int, dst: int) -> None:
+        """Make the idle, empty ``dst`` hold a copy of everything ``src`` holds."""
+        self.engine.fork_sequence(src, dst)
+
+    def prefix_stats(self) -> PrefixStats:
+        """Prompt tokens reused across sequences so far."""
+        return self.engine.prefix_stats()
 
     @property
     def freed(self) -> bool:

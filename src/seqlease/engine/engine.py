@@ -4,6 +4,11 @@ llama.cpp allows one thread per context at a time. Here one thread takes new job
 batch, decodes it and samples, holding the guard for the iteration; a release clearing a
 sequence takes the guard between iterations. Callers only submit jobs and read channels.
 
+A new job first looks for its prompt's prefix in the other sequences and the prefix cache
+(:mod:`seqlease.engine.prefixes`) and copies what it finds. If another job is still evaluating
+a longer common prefix, the new job waits for it instead of evaluating the same tokens too: 8
+requests that arrive together with one new system prompt evaluate it once.
+
 Per-job work (activation, sampler set-up, sampling, detokenizing, delivering text) runs under
 :meth:`Engine._isolated`: an exception there fails that job alone, at once, and the engine
 serves on. The decode itself is shared: a failed decode fails the jobs in that batch, and only
@@ -17,8 +22,11 @@ import logging
 from collections.abc import Callable
 from types import ModuleType
 
+from seqlease.backends.base import PrefixStats
 from seqlease.backends.worker import JobWorker
-from seqlease.engine.ledger import KvLedger
+from seqlease.engine.layout import KvLayout
+from seqlease.engine.ledger import KvLedger, common_prefix
+from seqlease.engine.prefixes import Prefixes
 from seqlease.engine.sampling import build_sampler
 from seqlease.engine.schedule import plan_batch
 from seqlease.errors import DecodeError
@@ -31,6 +39,9 @@ __all__ = ["Engine"]
 logger = logging.getLogger("seqlease.engine")
 
 _NO_KV_SLOT = 1
+# A new job waits for another one's prompt only if that saves it at least this many tokens:
+# fewer cost less to evaluate in the shared batch than the wait costs its first token.
+_WORTH_WAITING = 32
 
 
 class Engine(JobWorker):
@@ -40,16 +51,26 @@ class Engine(JobWorker):
     guard, and freeing the memory once the thread has stopped.
     """
 
-    def __init__(self, lib: ModuleType, native: NativeContext, *, prefill_chunk: int = 128) -> None:
-        """Start the engine thread on ``native``."""
-        super().__init__("seqlease-engine", sequences=native.n_seq_max, n_ctx=native.n_ctx_seq)
+    def __init__(
+        self,
+        lib: ModuleType,
+        native: NativeContext,
+        layout: KvLayout,
+        *,
+        share_prefixes: bool = True,
+        prefill_chunk: int = 128,
+    ) -> None:
+        """Start the engine thread on ``native``, whose sequences are laid out as ``layout``."""
+        super().__init__("seqlease-engine", sequences=layout.sequences, n_ctx=layout.n_ctx_seq)
         self._lib = lib
         self._native = native
         self._model = native.model
         self._prefill_chunk = prefill_chunk
         self._cap = native.n_batch  # shrinks after "no KV slot", grows back after success
         self._ledger = KvLedger(native)
+        self._prefixes = Prefixes(self._ledger, layout, enabled=share_prefixes)
         self._active: list[Job] = []  # engine thread only
+        self._waiting: list[Job] = []  # engine thread only: waiting for another's prefix
         self._samplers: dict[Job, SamplerChain] = {}  # engine thread only
         #: Decode steps so far and tokens they evaluated, for tests and benchmarks.
         self.steps = 0
@@ -62,8 +83,22 @@ class Engine(JobWorker):
         """Stop the sequence's generation, then remove every token from its memory."""
         self.stop_sequence(seq_id)
         with self._guard:
-            if not self._lifetime.freed:
-                self._ledger.clear(seq_id)
+            if self._lifetime.freed:
+                return
+            try:
+                self._prefixes.keep(seq_id)
+            except Exception:  # the cache is an optimisation: clearing must happen regardless
+                logger.exception("caching the prefix of sequence %d failed", seq_id)
+            self._ledger.clear(seq_id)
+
+    def fork_sequence(self, src: int, dst: int) -> None:
+        """Make the idle, empty ``dst`` hold a copy of everything ``src`` holds now."""
+        with self._guard:
+            self._ledger.copy(src, dst, self._ledger.n_tokens(src))
+
+    def prefix_stats(self) -> PrefixStats:
+        """Prompt tokens reused across sequences so far (read without waiting for a step)."""
+        return self._prefixes.stats()
 
     def n_tokens(self, seq_id: int) -> int:
         """Tokens a sequence holds, as llama.cpp reports it (highest position + 1)."""
@@ -77,16 +112,18 @@ class Engine(JobWorker):
     # -- engine thread ----------------------------------------------------------------------
 
     def _serve(self) -> None:
-        while (incoming := self._jobs.take(wait=not self._active)) is not None:
+        while (incoming := self._jobs.take(wait=not (self._active or self._waiting))) is not None:
             with self._guard:
-                for job in [j for j in self._active if j.should_stop()]:
+                for job in [j for j in (*self._active, *self._waiting) if j.should_stop()]:
                     self._end(job, "cancelled")
                 for job in incoming:
                     self._isolated(job, "starting", self._activate)
+                for job in list(self._waiting):
+                    self._isolated(job, "starting", self._place)
                 if self._active:
                     self._step()
         with self._guard:
-            for job in list(self._active):
+            for job in (*self._active, *self._waiting):
                 self._end(job, "cancelled")
 
     def _isolated(self, job: Job, stage: str, work: Callable[[Job], None]) -> None:
@@ -98,20 +135,42 @@ class Engine(JobWorker):
             self._fail(job, exc, stage)
 
     def _activate(self, job: Job) -> None:
-        """Reuse the common prefix, drop the rest, set up sampling."""
+        """Set up sampling; the job then waits to be placed."""
         if job.should_stop():
             self._finish(job, "cancelled")
             return
-        keep = self._ledger.reuse(job.seq_id, job.prompt)
-        job.n_past = keep
-        job.pending = job.prompt[keep:]
-        job.n_evaluated = len(job.pending)
         sampler = build_sampler(self._lib, job.params, self._model.n_vocab)
         self._samplers[job] = sampler
-        self._active.append(job)
+        self._waiting.append(job)
         if job.params.repeat_penalty != 1.0:
             for token in job.prompt:
                 sampler.accept(token)
+
+    def _place(self, job: Job) -> None:
+        """Start the job from the longest prefix held anywhere, or let it wait for a reader.
+
+        The last prompt token is always evaluated: its logits start the reply.
+        """
+        prompt = job.prompt
+        limit = len(prompt) - 1
+        own = min(self._ledger.common(job.seq_id, prompt), limit)
+        source, held = self._prefixes.best(prompt, job.seq_id)
+        held = min(held, limit)
+        ahead = max(
+            (min(common_prefix(r.prompt, prompt), limit) for r in self._active if r.pending),
+            default=0,
+        )
+        if ahead - max(own, held) >= _WORTH_WAITING:
+            return
+        if held > own:
+            keep = self._prefixes.copy(source, job.seq_id, held, own=own)
+        else:
+            keep = self._ledger.reuse(job.seq_id, prompt)
+        job.n_past = keep
+        job.pending = prompt[keep:]
+        job.n_evaluated = len(job.pending)
+        self._waiting.remove(job)
+        self._active.append(job)
 
     def _step(self) -> None:
         plan = plan_batch(self._active, self._cap, self._prefill_chunk)
@@ -190,6 +249,8 @@ class Engine(JobWorker):
         """Forget the job's engine-side state: active slot and sampler."""
         if job in self._active:
             self._active.remove(job)
+        if job in self._waiting:
+            self._waiting.remove(job)
         sampler = self._samplers.pop(job, None)
         if sampler is not None:
             sampler.close()

@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from seqlease.native.context import NativeContext
 
-__all__ = ["KvLedger"]
+__all__ = ["KvLedger", "common_prefix"]
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists.
+
+    Binary search over slice comparisons: prompts run to thousands of tokens and are matched
+    against every sequence at each request, and a slice compare runs in C.
+    """
+    lo, hi = 0, min(len(a), len(b))
+    if hi and a[0] != b[0]:
+        return 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class KvLedger:
@@ -29,22 +47,26 @@ class KvLedger:
         """The tokens the sequence holds, in position order (a copy)."""
         return tuple(self._held[seq_id])
 
+    def common(self, seq_id: int, prompt: Sequence[int]) -> int:
+        """How many leading tokens of ``prompt`` the sequence holds."""
+        return common_prefix(self._held[seq_id], prompt)
+
     def reuse(self, seq_id: int, prompt: list[int]) -> int:
         """Keep the longest prefix of ``prompt`` the sequence holds, drop the rest.
 
         Returns how many tokens were kept. The last prompt token is never kept: it is
         evaluated again for the logits the reply starts from.
         """
-        held = self._held[seq_id]
-        keep = 0
-        for a, b in zip(held, prompt, strict=False):
-            if a != b:
-                break
-            keep += 1
-        keep = min(keep, len(prompt) - 1)
-        if keep < len(held):
+        keep = min(self.common(seq_id, prompt), len(prompt) - 1)
+        if keep < len(self._held[seq_id]):
             keep = self.truncate(seq_id, keep)
         return keep
+
+    def copy(self, src: int, dst: int, n: int) -> int:
+        """Make ``dst`` hold exactly the first ``n`` tokens of ``src``; returns what it holds."""
+        n = self._native.copy_prefix(src, dst, n)
+        self._held[dst] = self._held[src][:n]
+        return n
 
     def truncate(self, seq_id: int, n: int) -> int:
         """Drop everything from position ``n`` on; returns the tokens left.

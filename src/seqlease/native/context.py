@@ -10,10 +10,17 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-from seqlease.errors import DecodeError, InvalidSequenceError, NativeError, SeqleaseError
+from seqlease.errors import (
+    BackendUnavailableError,
+    DecodeError,
+    InvalidSequenceError,
+    NativeError,
+    SeqleaseError,
+)
+from seqlease.native.library import binding_version
 from seqlease.native.memory import MemoryOps
 from seqlease.native.model import NativeModel
-from seqlease.native.names import bound
+from seqlease.native.names import bound, context_fields
 
 __all__ = ["BatchEntry", "NativeContext"]
 
@@ -41,15 +48,31 @@ class NativeContext:
         *,
         n_seq_max: int,
         n_ctx_seq: int,
+        n_ctx_total: int,
         n_batch: int,
         n_threads: int,
+        kv_unified: bool,
     ) -> None:
-        """Create the context. Raises :class:`NativeError` when llama.cpp refuses."""
+        """Create the context. Raises :class:`NativeError` when llama.cpp refuses.
+
+        ``kv_unified=False`` asks for one KV stream per sequence; a binding without the
+        option (before 0.3.15) has one buffer for all and raises
+        :class:`BackendUnavailableError`.
+        """
         self._lib = lib
         self.model = model
         self.memory = memory
         params = lib.llama_context_default_params()
-        params.n_ctx = n_ctx_seq * n_seq_max
+        splittable = "kv_unified" in context_fields(lib)
+        if not kv_unified and not splittable:
+            raise BackendUnavailableError(
+                f"kv_unified=False needs llama-cpp-python 0.3.15 or newer (installed: "
+                f"{binding_version()}): older releases have one KV buffer for all sequences; "
+                "leave kv_unified=None"
+            )
+        if splittable:
+            params.kv_unified = kv_unified
+        params.n_ctx = n_ctx_total
         params.n_batch = n_batch
         params.n_ubatch = n_batch
         params.n_seq_max = n_seq_max
@@ -59,15 +82,15 @@ class NativeContext:
         ptr = create(model.ptr, params)
         if not ptr:
             raise NativeError(
-                f"llama.cpp could not create a context of {n_seq_max} sequences x {n_ctx_seq} "
-                "tokens: lower sequences= or n_ctx= (see the log on logger 'seqlease.llama')"
+                f"llama.cpp could not create a context of {n_seq_max} sequences and "
+                f"{n_ctx_total} KV cells: lower sequences= or n_ctx= (see the log on logger "
+                "'seqlease.llama')"
             )
         self._ptr: Any = ptr
         self.n_seq_max = n_seq_max
-        # Bindings without the field (before 0.3.15) have one cache shared by all sequences.
         # With kv_unified=False each sequence has its own stream, and llama.cpp aborts on a
         # partial seq_cp between two streams (GGML_ASSERT "only supported for full KV buffers").
-        self.kv_unified = bool(getattr(params, "kv_unified", True))
+        self.kv_unified = kv_unified
         self.n_batch = int(lib.llama_n_batch(ptr))
         # Our own budget: llama.cpp may round each stream up (to 256 cells), never down.
         self.n_ctx_seq = n_ctx_seq
@@ -120,10 +143,30 @@ class NativeContext:
                 f"(kv_unified=False): use p0=-1, p1=-1, not p0={p0}, p1={p1}"
             )
         self.memory.seq_cp(self.ptr, src, dst, p0, p1)
+        copied = self._tracked_pos_max[src]
         if split:  # a copy across streams replaces the destination's stream
-            self._tracked_pos_max[dst] = self._tracked_pos_max[src]
+            self._tracked_pos_max[dst] = copied
         else:
-            self._tracked_pos_max[dst] = max(self._tracked_pos_max[dst], self._tracked_pos_max[src])
+            if p1 >= 0:
+                copied = min(copied, p1 - 1)
+            self._tracked_pos_max[dst] = max(self._tracked_pos_max[dst], copied)
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> int:
+        """Make ``dst`` hold exactly the first ``n`` positions of ``src``; returns what it holds.
+
+        One buffer: ``dst`` then shares those cells with ``src`` (no data moves). One stream
+        per sequence: the whole stream is copied, then cut at ``n``. Where a sequence cannot be
+        cut (recurrent models), ``dst`` ends up empty and 0 is returned.
+        """
+        self.seq_rm(dst)
+        if self.kv_unified:
+            self.seq_cp(src, dst, 0, n)
+            return n
+        self.seq_cp(src, dst)
+        if self.seq_rm(dst, n, -1):
+            return n
+        self.seq_rm(dst)
+        return 0
 
     def seq_keep(self, seq_id: int) -> None:
         """Remove every sequence but ``seq_id``."""

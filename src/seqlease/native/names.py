@@ -10,7 +10,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-__all__ = ["NAMES", "SESSION_NEEDS", "bound", "missing"]
+__all__ = ["NAMES", "SESSION_NEEDS", "bound", "context_fields", "max_sequences", "missing"]
 
 #: Each purpose, and the names it went by (newest first).
 NAMES: dict[str, tuple[str, ...]] = {
@@ -60,3 +60,22 @@ def missing(lib: Any, purposes: tuple[str, ...]) -> list[str]:
         for purpose in purposes
         if not any(hasattr(lib, name) for name in NAMES[purpose])
     ]
+
+
+def context_fields(lib: Any) -> frozenset[str]:
+    """The fields of ``llama_context_params`` in this binding (they drift like the names).
+
+    ``n_seq_max`` came with multi-sequence contexts; ``kv_unified`` (0.3.15) with one KV stream
+    per sequence: bindings before it have a single cache that every sequence shares.
+    """
+    params = getattr(lib, "llama_context_params", None)
+    return frozenset(name for name, *_ in getattr(params, "_fields_", ()))
+
+
+def max_sequences(lib: Any) -> int:
+    """Most sequence ids one context may have (``llama_max_parallel_sequences``).
+
+    Bindings without the function predate the limit or had 64 (llama.cpp's first value).
+    """
+    fn = getattr(lib, "llama_max_parallel_sequences", None)
+    return int(fn()) if fn is not None else 64

@@ -55,3 +55,10 @@ class PoolStats:
     longest_wait: float
     #: Who holds each leased sequence, by ``seq_id``.
     holders: tuple[Holder, ...]
+    #: Generations whose prompt started from a prefix copied from another sequence or the
+    #: prefix cache (``Context.stats()`` fills these in; the pool alone knows no prompts).
+    prefix_hits: int = 0
+    #: Prompt tokens copied that way instead of evaluated.
+    prefix_tokens_reused: int = 0
+    #: Tokens the prefix cache holds now.
+    prefix_cached_tokens: int = 0
