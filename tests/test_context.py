@@ -306,7 +306,7 @@ from tiny_model import tiny_model_path
 lib = load_library()
 model = NativeModel(lib, tiny_model_path())
 ctx = NativeContext(lib, model, resolve_memory_api(lib)[0], n_seq_max=4, n_ctx_seq=64,
-                    n_batch=1, n_threads=1)
+                    n_ctx_total=256, n_batch=1, n_threads=1, kv_unified=True)
 print("created")
 """
 

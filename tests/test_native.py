@@ -41,7 +41,8 @@ lib = load_library()
 memory, _ = resolve_memory_api(lib)
 model = NativeModel(lib, default_model_path())
 ctx = NativeContext(
-    lib, model, memory, n_seq_max={N_SEQ}, n_ctx_seq={N_CTX_SEQ}, n_batch={N_BATCH}, n_threads=1
+    lib, model, memory, n_seq_max={N_SEQ}, n_ctx_seq={N_CTX_SEQ},
+    n_ctx_total={N_SEQ * N_CTX_SEQ}, n_batch={N_BATCH}, n_threads=1, kv_unified=False,
 )
 tokens = model.tokenize("The quick brown fox", add_special=False)
 ctx.decode([(t, i, 0, False) for i, t in enumerate(tokens)])
@@ -71,8 +72,18 @@ def model(lib: Any) -> Iterator[NativeModel]:
 def _context(lib: Any, model: NativeModel, memory: MemoryOps) -> NativeContext:
     # One thread: this build uses OpenMP, whose spinning barriers make a tiny decode take
     # seconds when another process is busy on one of the machine's two cores.
+    # One stream per sequence (llama.cpp's own default), where cross-sequence copies are
+    # whole-stream only: the layout with the most hazards.
     return NativeContext(
-        lib, model, memory, n_seq_max=N_SEQ, n_ctx_seq=N_CTX_SEQ, n_batch=N_BATCH, n_threads=1
+        lib,
+        model,
+        memory,
+        n_seq_max=N_SEQ,
+        n_ctx_seq=N_CTX_SEQ,
+        n_ctx_total=N_SEQ * N_CTX_SEQ,
+        n_batch=N_BATCH,
+        n_threads=1,
+        kv_unified=False,
     )
 
 

@@ -65,7 +65,15 @@ def native_ctx(native_model: NativeModel) -> Iterator[NativeContext]:
     memory, reasons = resolve_memory_api(lib)
     assert memory is not None, reasons
     ctx = NativeContext(
-        lib, native_model, memory, n_seq_max=4, n_ctx_seq=256, n_batch=64, n_threads=1
+        lib,
+        native_model,
+        memory,
+        n_seq_max=4,
+        n_ctx_seq=256,
+        n_ctx_total=1024,
+        n_batch=64,
+        n_threads=1,
+        kv_unified=True,
     )
     yield ctx
     ctx.close()

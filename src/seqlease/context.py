@@ -68,9 +68,10 @@ class Context:
         Prompt prefixes are shared: tokens another sequence (or the prefix cache) holds are
         copied, not evaluated again. ``prefix_cache_tokens`` (default: ``n_ctx``) is the KV
         memory the cache may keep on top of the leases' own, so it never takes a lease's room;
-        ``prefix_cache=False`` shares nothing. ``kv_unified=None`` lets seqlease choose one KV
-        buffer for all sequences (what sharing a prefix's cells needs); ``False`` gives each
-        sequence its own stream, where a prefix is copied whole (llama-cpp-python 0.3.15+).
+        ``prefix_cache=False`` shares nothing. ``kv_unified=None`` lets seqlease choose: one KV
+        stream per sequence where the binding offers it (0.3.15+; a result then never depends
+        on what other sequences do); ``True`` puts all sequences in one buffer, where sequences
+        holding the same prefix share its memory.
 
         Raises:
             ValueError: an argument is out of range (the message says the allowed range).
@@ -121,7 +122,7 @@ class Context:
                 **options,
                 prefix_cache=prefix_cache,
                 prefix_cache_tokens=n_ctx if prefix_cache_tokens is None else prefix_cache_tokens,
-                kv_unified=kv_unified is not False,
+                kv_unified=kv_unified,
             )
             if chosen == "session"
             else CompletionBackend(self.model_path, **options)

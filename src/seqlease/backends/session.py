@@ -13,7 +13,7 @@ from seqlease.errors import BackendUnavailableError
 from seqlease.native.context import NativeContext
 from seqlease.native.memory import resolve_memory_api
 from seqlease.native.model import NativeModel
-from seqlease.native.names import max_sequences
+from seqlease.native.names import context_fields, max_sequences
 from seqlease.request.job import Channel, Job
 from seqlease.request.params import SamplingParams
 
@@ -36,16 +36,19 @@ class SessionBackend:
         n_threads: int,
         prefix_cache: bool = True,
         prefix_cache_tokens: int = 0,
-        kv_unified: bool = True,
+        kv_unified: bool | None = None,
     ) -> None:
         """Load the model and create the context (the model is freed again if that fails).
 
         ``prefix_cache=False`` turns prefix sharing off; ``prefix_cache_tokens`` is the
-        cache's budget on top of the leases' memory.
+        cache's budget on top of the leases' memory. ``kv_unified=None``: one KV stream per
+        sequence where the binding offers it (0.3.15+), else the one buffer older ones have.
         """
         memory, reasons = resolve_memory_api(lib)
         if memory is None:
             raise BackendUnavailableError("; ".join(reasons))
+        if kv_unified is None:
+            kv_unified = "kv_unified" not in context_fields(lib)
         layout = plan_layout(
             sequences=sequences,
             n_ctx_seq=n_ctx,

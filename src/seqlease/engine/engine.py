@@ -26,7 +26,7 @@ from seqlease.backends.base import PrefixStats
 from seqlease.backends.worker import JobWorker
 from seqlease.engine.layout import KvLayout
 from seqlease.engine.ledger import KvLedger, common_prefix
-from seqlease.engine.prefixes import Prefixes
+from seqlease.engine.prefixes import MIN_SHARED, Prefixes
 from seqlease.engine.sampling import build_sampler
 from seqlease.engine.schedule import plan_batch
 from seqlease.errors import DecodeError
@@ -39,9 +39,6 @@ __all__ = ["Engine"]
 logger = logging.getLogger("seqlease.engine")
 
 _NO_KV_SLOT = 1
-# A new job waits for another one's prompt only if that saves it at least this many tokens:
-# fewer cost less to evaluate in the shared batch than the wait costs its first token.
-_WORTH_WAITING = 32
 
 
 class Engine(JobWorker):
@@ -160,9 +157,9 @@ class Engine(JobWorker):
             (min(common_prefix(r.prompt, prompt), limit) for r in self._active if r.pending),
             default=0,
         )
-        if ahead - max(own, held) >= _WORTH_WAITING:
+        if ahead - max(own, held) >= MIN_SHARED:
             return
-        if held > own:
+        if held - own >= MIN_SHARED:
             keep = self._prefixes.copy(source, job.seq_id, held, own=own)
         else:
             keep = self._ledger.reuse(job.seq_id, prompt)
