@@ -1,7 +1,7 @@
 """Long shared system prompts: seqlease's prefix sharing against evaluating every prompt whole.
 
-Run: ``python benchmarks/long_prompt.py`` (about 6 to 8 minutes on 2 cores; ``--quick`` for
-about 1 to 2).
+Run: ``python benchmarks/long_prompt.py`` (about 9 to 10 minutes on 2 cores, most of it the
+cold path; ``--quick`` for about 2 to 3).
 
 The workload: 24 chat requests, 8 at a time. Eight client threads share one
 ``Context(sequences=8, n_ctx=2048)``; each takes the next request from a common queue, leases a
@@ -10,11 +10,12 @@ policies and tool descriptions: 1,434 tokens with the embedded model's tokenizer
 the start of every run) and streams 16 greedy tokens (``temperature=0, max_tokens=16``) in reply
 to its own short question, then releases the sequence and takes the next request. Two paths:
 
-* shared: seqlease's defaults, prefix sharing on. The first request evaluates the system
-  prompt; the others arriving with it wait for that and copy it (``seq_cp``), later ones copy
-  it from a live lease or from the prefix cache;
-* cold: ``Context(prefix_cache=False)``: every request evaluates its whole prompt (what
-  seqlease did before prefix sharing, apart from the KV layout: see ``--split-baseline``).
+* shared: seqlease's defaults, prefix sharing on (one KV stream per sequence on
+  llama-cpp-python 0.3.15+, where a shared prefix is copied with its whole stream). The first
+  request evaluates the system prompt; the others arriving with it wait for that and copy it
+  (``seq_cp``), later ones copy it from a live lease or from the prefix cache;
+* cold: ``Context(prefix_cache=False)``: every request evaluates its whole prompt, what seqlease
+  did before prefix sharing (today's behaviour; the same KV layout).
 
 Every run of a path is a fresh subprocess of this script, so peak memory (the process's own
 VmHWM) compares; the repeats alternate the paths' order, so a neighbour's burst of CPU lands on
@@ -33,14 +34,16 @@ Two targeted measurements:
   ``prefix_cache=False`` context, and against a system prompt the context has never seen;
   interleaved in one process (two contexts of 2 sequences), goal: cold / warm >= 5x;
 * a burst: 8 threads (leased first, then released at once by a ``threading.Barrier``) send
-  requests with one system prompt nobody has seen yet, on each path's context after its first
-  workload run: the sum of ``n_evaluated`` against ``prefix + 8 suffixes`` (the prefix
-  evaluated once) and ``8 whole prompts`` (evaluated 8 times).
+  requests with one system prompt nobody has seen yet, on the shared path's context after its
+  first workload run: the sum of ``n_evaluated`` and the engine's count against
+  ``prefix + 8 suffixes`` (the prefix evaluated once) and ``8 whole prompts`` (evaluated 8
+  times, what ``prefix_cache=False`` does by construction, so it is not run there).
 
 Settings as users run them: OpenMP's default wait policy (``OMP_WAIT_POLICY`` is removed from
 the measuring processes' environment) and seqlease's default ``n_threads``. ``--passive`` adds
-a table with ``OMP_WAIT_POLICY=PASSIVE``; ``--split-baseline`` adds a third path,
-``prefix_cache=False, kv_unified=False``: one KV stream per sequence, seqlease 0.1.0's layout.
+a table with ``OMP_WAIT_POLICY=PASSIVE``; ``--unified`` adds a third path, ``kv_unified=True``:
+prefix sharing in one KV buffer for all sequences, where sequences holding a prefix share its
+cells instead of each holding a copy.
 Writes ``docs/benchmarks-long-prompts.md`` unless ``--no-write``.
 """
 
@@ -78,11 +81,11 @@ TTFT_GOAL = 5.0
 
 # path -> (what it is, Context options)
 PATHS: dict[str, tuple[str, dict[str, Any]]] = {
-    "shared": ("seqlease defaults (prefix sharing on)", {}),
-    "cold": ("`prefix_cache=False` (every prompt evaluated whole)", {"prefix_cache": False}),
-    "split": (
-        "`prefix_cache=False, kv_unified=False` (0.1.0's KV layout)",
-        {"prefix_cache": False, "kv_unified": False},
+    "shared": ("seqlease's defaults, prefix sharing on", {}),
+    "cold": ("no prefix sharing, every prompt evaluated whole", {"prefix_cache": False}),
+    "unified": (
+        "prefix sharing in one KV buffer, where sequences share a prefix's cells",
+        {"kv_unified": True},
     ),
 }
 
@@ -241,7 +244,7 @@ QUESTIONS = (
     "Is my order 47001 eligible for a return?",
     "What sizes does the fleece hoodie come in?",
 )
-WARM_UP = "Hiking boots, rain jackets, tents and bicycles: " + " ".join(QUESTIONS[:8])
+WARM_UP = "Hiking boots, rain jackets, tents and bicycles: " + " ".join(QUESTIONS)
 
 
 # -- one request ----------------------------------------------------------------------------
@@ -404,6 +407,8 @@ def run_workload(args: argparse.Namespace, path: str) -> dict[str, Any]:
         stats = ctx.stats()
         out: dict[str, Any] = {
             "path": path,
+            "concurrency": args.concurrency,
+            "kv_unified": ctx._backend.layout.unified,  # type: ignore[attr-defined]
             "load_seconds": load_seconds,
             "wall": wall,
             "neighbours": neighbours,
@@ -584,6 +589,7 @@ HEADER = [
     "path",
     "TTFT mean s",
     "TTFT p95 s",
+    "TTFT mean s, after the first wave",
     "req/s",
     "peak RSS MB",
     "prompt tokens evaluated / sent",
@@ -597,6 +603,8 @@ def table_rows(runs: dict[str, list[dict[str, Any]]]) -> list[list[str]]:
     rows = []
     for path, its in runs.items():
         all_ttft = [x for run in its for x in ttfts(run)]
+        # Requests are taken in order: the first `concurrency` of a run are its first wave.
+        later = [x for run in its for x in ttfts(run)[run["concurrency"] :]]
         sent = [sum(r["n_prompt"] for r in run["replies"]) for run in its]
         generated = [sum(r["n_generated"] for r in run["replies"]) for run in its]
         rows.append(
@@ -604,6 +612,7 @@ def table_rows(runs: dict[str, list[dict[str, Any]]]) -> list[list[str]]:
                 path,
                 f"{statistics.fmean(all_ttft):.2f}",
                 f"{percentile(all_ttft, 0.95):.2f}",
+                f"{statistics.fmean(later):.2f}" if later else "-",
                 f"{statistics.median(rps(run) for run in its):.2f}",
                 f"{max(run['peak_rss_mb'] for run in its):.0f}",
                 f"{span([evaluated(run) for run in its])} / {span(sent)}",
@@ -697,6 +706,10 @@ def single_ratios(single: dict[str, Any]) -> tuple[float, float]:
     return cold / warm, new / warm
 
 
+def layout(run: dict[str, Any]) -> str:
+    return "one KV buffer" if run["kv_unified"] else "one KV stream per sequence"
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -741,7 +754,8 @@ def notes(
     cold_warm, new_warm = single_ratios(single)
     verdict = "meets" if cold_warm >= TTFT_GOAL else "misses"
     out.append(
-        f"One lease, 1,400-token system prompt: cold / warm time to first token = "
+        f"One lease, {single['system_tokens']:,}-token system prompt: cold / warm time to "
+        f"first token = "
         f"{cold_warm:.1f}x (median of {args.single_repeats} interleaved requests each; "
         f"{verdict} the {TTFT_GOAL:.0f}x goal); a system prompt the context never saw / warm = "
         f"{new_warm:.1f}x."
@@ -752,6 +766,33 @@ def notes(
             f"Workload, shared against {base}: TTFT mean {base} / shared = "
             f"{ratio_text(r['ttft'])}, TTFT p95 {ratio_text(r['p95'])}; requests/s shared / "
             f"{base} = {ratio_text(r['rps'])} (each ratio between the two runs of one repeat)."
+        )
+    shared, cold = runs["shared"], runs["cold"]
+    first_wave = [x for run in shared for x in ttfts(run)[: run["concurrency"]]]
+    out.append(
+        f"The shared path's first {args.concurrency} requests of a run wait for the one "
+        f"evaluation of the new system prompt (TTFT mean {statistics.fmean(first_wave):.2f} s); "
+        "later ones copy it from a live lease or the prefix cache (see the column after the "
+        "first wave)."
+    )
+    rss_shared = max(run["peak_rss_mb"] for run in shared)
+    rss_cold = max(run["peak_rss_mb"] for run in cold)
+    out.append(
+        f"Peak RSS: shared {rss_shared:.0f} MB, cold {rss_cold:.0f} MB "
+        f"({rss_shared - rss_cold:+.0f} MB). The KV memory is allocated when the context is "
+        f"made: the shared path's includes the prefix cache's own cells (`prefix_cache_tokens`, "
+        f"default n_ctx = {N_CTX} tokens) on top of the leases' {args.concurrency} x {N_CTX}."
+    )
+    if "unified" in runs:
+        unified = runs["unified"]
+        out.append(
+            "Prefix sharing in one KV buffer (`kv_unified=True`) against the default layout "
+            f"({layout(shared[0])}): "
+            f"{statistics.median(rps(run) for run in unified):.2f} against "
+            f"{statistics.median(rps(run) for run in shared):.2f} req/s, TTFT mean "
+            f"{statistics.fmean(x for run in unified for x in ttfts(run)):.2f} against "
+            f"{statistics.fmean(x for run in shared for x in ttfts(run)):.2f} s, peak RSS "
+            f"{max(run['peak_rss_mb'] for run in unified):.0f} against {rss_shared:.0f} MB."
         )
     for path, burst in bursts.items():
         _, verdict = burst_verdict(burst)
@@ -772,6 +813,7 @@ def write_page(
     args: argparse.Namespace,
     command: str,
     single: dict[str, Any],
+    runs: dict[str, list[dict[str, Any]]],
     tables: dict[str, list[list[str]]],
     bursts: dict[str, dict[str, Any]],
     lines: list[str],
@@ -780,9 +822,9 @@ def write_page(
     model = Path(args.model)
     burst_rows = [[path, *burst_verdict(burst)[0]] for path, burst in bursts.items()]
     paths = "\n".join(
-        f"- {path}: `Context({args.model_arg}sequences={args.concurrency}, n_ctx={N_CTX}"
+        f"  - {path}: `Context({args.model_arg}sequences={args.concurrency}, n_ctx={N_CTX}"
         + "".join(f", {k}={v}" for k, v in PATHS[path][1].items())
-        + f")`: {PATHS[path][0]}."
+        + f")`: {PATHS[path][0]}; {layout(runs[path][0])}."
         for path in args.paths
     )
     text = f"""# Benchmarks: long shared system prompts
@@ -805,11 +847,12 @@ leases a sequence, opens a `ChatSession(seq, system_prompt=...)` and streams
 {paths}
 - Every run of a path is a fresh process (peak RSS is that process's VmHWM), warmed up on one
   unrelated prompt; the system prompt is new to the run, so the shared path evaluates it once
-  at the start. {args.repeats} repeat(s), the paths' order alternating; ratios are taken
+  at the start. Repeats: {args.repeats}, the paths' order alternating; ratios are taken
   between the runs of one repeat, then the median.
 - Time to first token (TTFT): from the moment a client submits a request (before
-  `ctx.lease()`) to the first text chunk of the stream; mean and p95 over all requests of all
-  repeats. req/s: requests / wall time of the run, median over repeats. Prompt tokens
+  `ctx.lease()`) to the first text chunk of the stream (which may hold a piece back while it
+  could be the start of a stop marker); mean and p95 over all requests of all repeats.
+  req/s: requests / wall time of the run, median over repeats. Prompt tokens
   evaluated: the sum of `Result.n_evaluated` (range over repeats), of the prompt tokens sent.
   Other load: the share of the machine other processes used during the run (median).
 
@@ -837,11 +880,12 @@ has never seen.
 ## Burst: {args.concurrency} new requests with one new system prompt
 
 {args.concurrency} threads lease a sequence each, then a `threading.Barrier` lets them send
-their requests at once, with a system prompt nobody has sent before (on each path's context
-after its first workload run). "Once" is the shared prefix plus every request's own suffix;
-"every time" is the whole prompts; "prefix evaluations" = (sum of `n_evaluated` - suffixes)
-/ prefix. Engine prompt tokens: tokens the engine decoded, minus the generated tokens it fed
-back.
+their requests at once, with a system prompt nobody has sent before, on the shared path's
+context after its first workload run. "Once" is the shared prefix plus every request's own
+suffix; "every time" is the whole prompts, what `prefix_cache=False` evaluates by
+construction (so it is not run there); "prefix evaluations" = (sum of `n_evaluated` -
+suffixes) / prefix. Engine prompt tokens: tokens the engine decoded, minus the generated tokens
+it fed back.
 
 {markdown_table(BURST_HEADER, burst_rows)}
 
@@ -856,8 +900,8 @@ back.
 {command}
 ```
 
-`--quick` runs a smaller workload in about 1 to 2 minutes, `--passive` adds the PASSIVE table,
-`--split-baseline` adds the `kv_unified=False` path; `--no-write` prints without writing this
+`--quick` runs a smaller workload in about 2 to 3 minutes, `--passive` adds the PASSIVE table,
+`--unified` adds the `kv_unified=True` path; `--no-write` prints without writing this
 page.
 """
     return text
@@ -873,24 +917,25 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="GGUF path (default: the embedded model)")
     parser.add_argument("--requests", type=int, default=None, help="requests per run (24)")
     parser.add_argument("--concurrency", type=int, default=None, help="clients = sequences (8)")
-    parser.add_argument("--repeats", type=int, default=None, help="runs of each path (3)")
-    parser.add_argument("--single-repeats", type=int, default=None, help="one-lease TTFTs (6)")
+    parser.add_argument("--repeats", type=int, default=None, help="runs of each path (2)")
+    parser.add_argument("--single-repeats", type=int, default=None, help="one-lease TTFTs (4)")
     parser.add_argument("--passive", action="store_true", help="add OMP_WAIT_POLICY=PASSIVE")
     parser.add_argument(
-        "--split-baseline", action="store_true", help="add prefix_cache=False, kv_unified=False"
+        "--unified", action="store_true", help="add kv_unified=True (one KV buffer, shared cells)"
     )
-    parser.add_argument("--quick", action="store_true", help="smaller run (about 1-2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="smaller run (about 2-3 minutes)")
     parser.add_argument("--no-write", action="store_true", help="print only, write no docs")
     parser.add_argument("--_workload", choices=sorted(PATHS), help=argparse.SUPPRESS)
     parser.add_argument("--_burst", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--_single", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--_page-to", help=argparse.SUPPRESS)  # a test render elsewhere
     args = parser.parse_args()
     args.model_arg = "" if args.model is None else "model, "
     args.model = str(args.model or seqlease.default_model_path())
     args.requests = args.requests or (8 if args.quick else 24)
     args.concurrency = args.concurrency or (4 if args.quick else 8)
-    args.repeats = args.repeats or (1 if args.quick else 3)
-    args.single_repeats = args.single_repeats or (2 if args.quick else 6)
+    args.repeats = args.repeats or (1 if args.quick else 2)
+    args.single_repeats = args.single_repeats or (2 if args.quick else 4)
 
     # Hidden modes: this script again in a fresh process, answering one JSON line.
     if args._workload:
@@ -902,8 +947,12 @@ def main() -> None:
 
     if args.concurrency > len(QUESTIONS) or args.requests > len(QUESTIONS):
         parser.error(f"at most {len(QUESTIONS)} requests and concurrency (distinct questions)")
-    args.paths = ["shared", "cold"] + (["split"] if args.split_baseline else [])
-    command = " ".join(["python", "benchmarks/long_prompt.py", *sys.argv[1:]])
+    args.paths = ["shared", "cold"] + (["unified"] if args.unified else [])
+    shown = [a for a in sys.argv[1:] if a != "--no-write"]
+    if "--_page-to" in shown:  # a test render: not part of the command to reproduce
+        at = shown.index("--_page-to")
+        del shown[at : at + 2]
+    command = " ".join(["python", "benchmarks/long_prompt.py", *shown])
     started = time.perf_counter()
     inherited = os.environ.get("OMP_WAIT_POLICY")
     print(
@@ -938,7 +987,7 @@ def main() -> None:
         for rep in range(args.repeats):
             order = args.paths if rep % 2 == 0 else args.paths[::-1]
             for path in order:
-                burst = rep == 0 and key == "default"
+                burst = rep == 0 and key == "default" and path == "shared"
                 run = run_child(
                     args, "--_workload", path, *(["--_burst"] if burst else []), policy=policy
                 )
@@ -973,10 +1022,16 @@ def main() -> None:
     print()
     for line in lines:
         print(f"- {line}")
-    if not args.no_write:
-        PAGE.parent.mkdir(exist_ok=True)
-        PAGE.write_text(write_page(args, command, single, tables, bursts, lines))
-        print(f"wrote {PAGE}")
+    page = write_page(
+        args, command, single, all_runs["default"], tables, bursts, lines
+    )  # rendered either way
+    target = Path(args._page_to) if args._page_to else None if args.no_write else PAGE
+    if target is not None:
+        target.parent.mkdir(exist_ok=True)
+        target.write_text(page)
+        print(f"wrote {target}")
+    else:
+        print(f"page rendered ({len(page):,} characters), not written (--no-write)")
     print(f"total {time.perf_counter() - started:.0f} s")
 
 

@@ -146,10 +146,12 @@ class Engine(JobWorker):
     def _place(self, job: Job) -> None:
         """Start the job from the longest prefix held anywhere, or let it wait for a reader.
 
-        The last prompt token is always evaluated: its logits start the reply.
+        The last two prompt tokens are always evaluated: the last one's logits start the
+        reply, and a batch of one token would round differently from the evaluation without
+        a copied prefix (see :func:`seqlease.engine.schedule.plan_batch`).
         """
         prompt = job.prompt
-        limit = len(prompt) - 1
+        limit = max(0, len(prompt) - 2)
         own = min(self._ledger.common(job.seq_id, prompt), limit)
         source, held = self._prefixes.best(prompt, job.seq_id)
         held = min(held, limit)
@@ -162,7 +164,7 @@ class Engine(JobWorker):
         if held - own >= MIN_SHARED:
             keep = self._prefixes.copy(source, job.seq_id, held, own=own)
         else:
-            keep = self._ledger.reuse(job.seq_id, prompt)
+            keep = self._ledger.reuse(job.seq_id, prompt, limit)
         job.n_past = keep
         job.pending = prompt[keep:]
         job.n_evaluated = len(job.pending)

@@ -51,13 +51,12 @@ class KvLedger:
         """How many leading tokens of ``prompt`` the sequence holds."""
         return common_prefix(self._held[seq_id], prompt)
 
-    def reuse(self, seq_id: int, prompt: list[int]) -> int:
-        """Keep the longest prefix of ``prompt`` the sequence holds, drop the rest.
+    def reuse(self, seq_id: int, prompt: list[int], limit: int) -> int:
+        """Keep the longest prefix of ``prompt`` the sequence holds, up to ``limit``; drop the rest.
 
-        Returns how many tokens were kept. The last prompt token is never kept: it is
-        evaluated again for the logits the reply starts from.
+        Returns how many tokens were kept.
         """
-        keep = min(self.common(seq_id, prompt), len(prompt) - 1)
+        keep = min(self.common(seq_id, prompt), limit)
         if keep < len(self._held[seq_id]):
             keep = self.truncate(seq_id, keep)
         return keep

@@ -52,5 +52,24 @@ def plan_batch(jobs: Sequence[J], n_batch: int, prefill_chunk: int) -> list[tupl
                 readers.remove(job)
             if not budget:
                 break
-    plan.extend((job, given[id(job)]) for job in jobs if given.get(id(job)))
+    pieces = [(job, given[id(job)]) for job in jobs if given.get(id(job))]
+    whole = [(job, _piece(n, len(job.pending))) for job, n in pieces]
+    if plan or any(n for _, n in whole):  # else (a batch of one token) keep progressing
+        pieces = [(job, n) for job, n in whole if n]
+    plan.extend(pieces)
     return plan
+
+
+def _piece(n: int, left: int) -> int:
+    """``n`` of ``left`` prompt tokens, trimmed so that neither part is one token alone.
+
+    llama.cpp computes a sequence's one-token batch with other kernels than a longer one
+    (rounding differently), so a reply would depend on where its prompt was cut: alone or
+    beside others, fresh or after a copied prefix. Never cut a single token off, and it is
+    the same every way. 0 means: wait for a step with more room.
+    """
+    if n >= left or left < 2:
+        return min(n, left)
+    if left - n == 1:
+        n -= 1
+    return n if n >= 2 else 0

@@ -20,7 +20,7 @@ from seqlease.errors import (
 from seqlease.native.library import binding_version
 from seqlease.native.memory import MemoryOps
 from seqlease.native.model import NativeModel
-from seqlease.native.names import bound, context_fields
+from seqlease.native.names import bound, context_fields, set_flash_attention
 
 __all__ = ["BatchEntry", "NativeContext"]
 
@@ -72,6 +72,11 @@ class NativeContext:
             )
         if splittable:
             params.kv_unified = kv_unified
+        # Off (llama.cpp's "auto" turns it on for the CPU): the CPU flash-attention kernel
+        # rounds differently for different batch sizes, so a prompt's reply would depend on
+        # how its evaluation was chunked: alone or beside others, fresh or from a copied
+        # prefix. Without it, greedy replies are the same every way; no slower here.
+        set_flash_attention(lib, params, False)
         params.n_ctx = n_ctx_total
         params.n_batch = n_batch
         params.n_ubatch = n_batch

@@ -10,7 +10,15 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-__all__ = ["NAMES", "SESSION_NEEDS", "bound", "context_fields", "max_sequences", "missing"]
+__all__ = [
+    "NAMES",
+    "SESSION_NEEDS",
+    "bound",
+    "context_fields",
+    "max_sequences",
+    "missing",
+    "set_flash_attention",
+]
 
 #: Each purpose, and the names it went by (newest first).
 NAMES: dict[str, tuple[str, ...]] = {
@@ -79,3 +87,15 @@ def max_sequences(lib: Any) -> int:
     """
     fn = getattr(lib, "llama_max_parallel_sequences", None)
     return int(fn()) if fn is not None else 64
+
+
+def set_flash_attention(lib: Any, params: Any, on: bool) -> None:
+    """Switch flash attention in ``params`` under its field of this binding.
+
+    ``flash_attn_type`` (-1 auto, 0 off, 1 on; newer) replaced the boolean ``flash_attn``.
+    """
+    fields = context_fields(lib)
+    if "flash_attn_type" in fields:
+        params.flash_attn_type = 1 if on else 0
+    elif "flash_attn" in fields:
+        params.flash_attn = on
