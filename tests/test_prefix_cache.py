@@ -164,11 +164,10 @@ def test_no_private_turn_crosses_leases(ctx: seqlease.Context) -> None:
             assert "73" not in bob_chat.history[-1]["content"]
     # The same tokens evaluated in a fresh context of the same shape make a state of the
     # same size: Bob's sequence held no cell beyond his own.
-    with _same_shape(ctx) as alone:
-        with alone.lease() as seq:
-            seq.generate(list(bob_tokens), max_tokens=1).result()
-            assert held_tokens(alone, seq.id) == bob_tokens
-            assert _state_size(alone, seq.id) == bob_state
+    with _same_shape(ctx) as alone, alone.lease() as seq:
+        seq.generate(list(bob_tokens), max_tokens=1).result()
+        assert held_tokens(alone, seq.id) == bob_tokens
+        assert _state_size(alone, seq.id) == bob_state
 
 
 def _same_shape(ctx: seqlease.Context) -> seqlease.Context:
@@ -199,9 +198,11 @@ def test_fork_continues_exactly_like_the_original(ctx: seqlease.Context) -> None
         assert branch.released
     assert a.text == b.text
     assert a.n_evaluated == b.n_evaluated < 20
-    with seqlease.Context(sequences=1, n_ctx=2048, prefix_cache=False) as fresh:
-        with fresh.lease() as seq:
-            assert seq.generate(follow, temperature=0, max_tokens=16).result().text == a.text
+    with (
+        seqlease.Context(sequences=1, n_ctx=2048, prefix_cache=False) as fresh,
+        fresh.lease() as seq,
+    ):
+        assert seq.generate(follow, temperature=0, max_tokens=16).result().text == a.text
 
 
 def test_fork_errors_leave_the_original_intact(ctx: seqlease.Context) -> None:
