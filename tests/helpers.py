@@ -28,7 +28,9 @@ def fill(seq: seqlease.Sequence, n: int = 3) -> None:
     with eng._guard:
         seq.check()
         start = eng._native.seq_pos_max(seq.id) + 1
-        eng._native.decode([(100 + i, start + i, seq.id, False) for i in range(n)])
+        tokens = [100 + i for i in range(n)]
+        eng._native.decode([(t, start + i, seq.id, False) for i, t in enumerate(tokens)])
+        eng._ledger.appended(seq.id, tokens)  # recorded like the engine's own decodes
 
 
 def native_pos_max(ctx: seqlease.Context, seq_id: int) -> int:

@@ -149,3 +149,45 @@ def test_no_log_noise(capfd: pytest.CaptureFixture[str]) -> None:
         ctx.complete(PROMPT, max_tokens=2)
     out, err = capfd.readouterr()
     assert out == "" and err == "", (out, err)
+
+
+LONG_PROMPT = " ".join(
+    f"Rule {i}: answer briefly, cite sources, and use metric units." for i in range(12)
+)
+
+
+def test_prefix_is_copied_not_evaluated(ctx: seqlease.Context) -> None:
+    """Every binding generation shares prefixes: one stream per sequence where the binding
+    has ``kv_unified`` (whole copies), one buffer before it (partial copies)."""
+    unified = "kv_unified" not in {f for f, *_ in load_library().llama_context_params._fields_}
+    assert ctx._backend.layout.unified is unified  # type: ignore[attr-defined]
+    with ctx.lease(timeout=0) as seq:
+        cold = seq.generate(LONG_PROMPT, max_tokens=TOKENS, temperature=0).result()
+    before = ctx.stats()
+    with ctx.lease(timeout=0) as seq:
+        warm = seq.generate(LONG_PROMPT, max_tokens=TOKENS, temperature=0).result()
+    after = ctx.stats()
+    assert cold.n_evaluated == cold.n_prompt > 64
+    assert warm.n_evaluated == 2
+    assert after.prefix_hits == before.prefix_hits + 1
+    assert after.prefix_tokens_reused - before.prefix_tokens_reused == warm.n_prompt - 2
+    assert warm.text == cold.text
+    with ctx.lease(timeout=0) as seq:
+        seq.generate(LONG_PROMPT, max_tokens=2, temperature=0).result()
+        with seq.fork(timeout=0) as branch:
+            assert branch.n_tokens == seq.n_tokens > 64
+    assert [native_state_size(ctx, i) for i in range(2)] == [native_state_size(ctx, 0)] * 2
+
+
+def test_kv_unified_false_needs_a_binding_that_has_it() -> None:
+    if not seqlease.detect().session:
+        pytest.skip("below the supported range: the session backend is refused (tested above)")
+    version = metadata.version("llama-cpp-python")
+    if version_tuple(version) >= (0, 3, 15):
+        with seqlease.Context(sequences=2, n_ctx=256, n_threads=1, kv_unified=False) as ctx:
+            assert ctx._backend.layout.unified is False  # type: ignore[attr-defined]
+        return
+    with pytest.raises(
+        seqlease.BackendUnavailableError, match=r"kv_unified=False needs .*0\.3\.15"
+    ):
+        seqlease.Context(sequences=2, n_ctx=256, n_threads=1, kv_unified=False)

@@ -107,10 +107,26 @@ CASES: list[Case] = [
             (arg,),
             lambda c, v, arg=arg: seqlease.Context(tiny_model_path(), n_threads=1, **{arg: v}),
         )
-        for arg in ("sequences", "n_ctx", "n_batch", "n_threads", "max_waiting", "backend")
+        for arg in (
+            "sequences",
+            "n_ctx",
+            "n_batch",
+            "n_threads",
+            "max_waiting",
+            "backend",
+            "prefix_cache",
+            "prefix_cache_tokens",
+            "kv_unified",
+        )
     ],
     ("Context.lease", "timeout", ("timeout",), lambda c, v: c.lease(v).__enter__().release()),
     ("Context.acquire", "timeout", ("timeout",), lambda c, v: c.acquire(v).release()),
+    (
+        "Sequence.fork",
+        "timeout",
+        ("timeout",),
+        lambda c, v: _with_seq(c, lambda s: s.fork(v).release()),
+    ),
     (
         "Context.alease",
         "timeout",
@@ -242,10 +258,12 @@ _ACCEPTS: dict[str, Callable[[object], bool]] = {
     "params": lambda v: False,
     "close": lambda v: False,
     "seq": lambda v: False,
+    "prefix_cache": lambda v: isinstance(v, bool),
+    "kv_unified": lambda v: v is None or isinstance(v, bool),
 }
 for _name in ("temperature", "top_p", "min_p", "repeat_penalty", "max_tokens"):
     _ACCEPTS[_name] = lambda v: v is None or _is_number(v)
-for _name in ("sequences", "n_ctx", "n_batch", "n_threads", "max_waiting"):
+for _name in ("sequences", "n_ctx", "n_batch", "n_threads", "max_waiting", "prefix_cache_tokens"):
     _ACCEPTS[_name] = lambda v: v is None or _is_int(v)
 
 

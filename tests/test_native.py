@@ -522,3 +522,64 @@ def test_logits_rows(ctx: NativeContext, model: NativeModel) -> None:
     assert not missing
     with pytest.raises(ValueError, match="NULL pointer"):
         missing[0]
+
+
+# -- copying a prefix between sequences, in both KV layouts -----------------------------------
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["streams", "unified"])
+def layout_ctx(
+    request: pytest.FixtureRequest, lib: Any, model: NativeModel
+) -> Iterator[NativeContext]:
+    memory, _ = resolve_memory_api(lib)
+    assert memory is not None
+    native = NativeContext(
+        lib,
+        model,
+        memory,
+        n_seq_max=3,
+        n_ctx_seq=N_CTX_SEQ,
+        n_ctx_total=3 * N_CTX_SEQ,
+        n_batch=N_BATCH,
+        n_threads=1,
+        kv_unified=request.param,
+    )
+    yield native
+    native.close()
+
+
+def test_copy_prefix_gives_exactly_the_prefix(
+    layout_ctx: NativeContext, model: NativeModel
+) -> None:
+    ctx = layout_ctx
+    ctx.clear()
+    src = _fill(ctx, model, 0, "The quick brown fox jumps over the lazy dog")
+    _fill(ctx, model, 2, "Something else entirely")
+    assert ctx.copy_prefix(0, 2, 4) == 4
+    assert ctx.seq_pos_max(2) == _native_pos_max(ctx, 2) == 3  # the rest of 2 is gone
+    assert ctx.seq_pos_max(0) == len(src) - 1  # the source keeps everything
+    # The copy is usable: decoding goes on from position 4 in the destination.
+    ctx.decode([(src[4], 4, 2, True)])
+    assert _native_pos_max(ctx, 2) == 4
+
+
+def test_copy_prefix_where_a_sequence_cannot_be_cut(lib: Any, model: NativeModel) -> None:
+    # Recurrent and hybrid models refuse a partial seq_rm (it returns false): the destination
+    # then ends up empty and the caller evaluates the whole prompt. The real functions, with
+    # partial removals refused as llama.cpp refuses them on such models.
+    real, _ = resolve_memory_api(lib)
+    assert real is not None
+
+    def seq_rm(ptr: Any, seq_id: int, p0: int, p1: int) -> bool:
+        if p0 > 0 or p1 >= 0:
+            return False
+        return real.seq_rm(ptr, seq_id, p0, p1)
+
+    memory = MemoryOps("memory", real.clear, seq_rm, real.seq_cp, real.seq_keep, real.seq_pos_max)
+    native = _context(lib, model, memory)
+    try:
+        _fill(native, model, 0, "The quick brown fox jumps over the lazy dog")
+        assert native.copy_prefix(0, 1, 4) == 0
+        assert native.seq_pos_max(1) == _native_pos_max(native, 1) == -1
+    finally:
+        native.close()

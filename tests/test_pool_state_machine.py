@@ -1,4 +1,9 @@
-"""Property-based model of the sequence pool, run against the real Context and llama.cpp."""
+"""Property-based model of the sequence pool, run against the real Context and llama.cpp.
+
+The prefix cache is on, with a budget of two cache entries: generations from shared token
+prefixes run between pool operations, so every pool invariant is checked with sequences
+copying from each other and from the cache, and entries being evicted.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import warnings
 
 import hypothesis.strategies as st
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis.stateful import (
     Bundle,
     RuleBasedStateMachine,
@@ -21,13 +26,31 @@ from hypothesis.stateful import (
 )
 
 import seqlease
-from helpers import fill, free_slots_are_empty, native_pos_max, settle, wait_for
+from helpers import (
+    engine,
+    fill,
+    free_slots_are_empty,
+    held_tokens,
+    native_pos_max,
+    settle,
+    wait_for,
+)
 from seqlease.pool import SlotState
 from tiny_model import tiny_model_path
 
 
 class _Boom(Exception):
     pass
+
+
+# Token prompts over the tiny model's vocabulary: three 80-token prefixes (two share 40), each
+# long enough to be copied rather than evaluated (MIN_SHARED is 64).
+_PREFIXES = (
+    [10 + i % 50 for i in range(80)],
+    [10 + i % 50 for i in range(40)] + [70 + i % 30 for i in range(40)],
+    [200 + i % 60 for i in range(80)],
+)
+_BUDGET = 512
 
 
 def _forget(ctx: seqlease.Context, cyclic: bool) -> int:
@@ -50,7 +73,12 @@ class PoolMachine(RuleBasedStateMachine):
         # A fresh context per example: state carried between examples would make hypothesis'
         # replays diverge from the runs they replay.
         self.ctx = seqlease.Context(
-            tiny_model_path(), n_threads=1, sequences=size, n_ctx=64, n_batch=32
+            tiny_model_path(),
+            n_threads=1,
+            sequences=size,
+            n_ctx=256,
+            n_batch=32,
+            prefix_cache_tokens=_BUDGET,
         )
         self.size = size
         base = settle(self.ctx)
@@ -143,6 +171,18 @@ class PoolMachine(RuleBasedStateMachine):
         assert seq.released
         return seq
 
+    @rule(seq=held, which=st.integers(0, len(_PREFIXES) - 1), tail=st.integers(2, 6))
+    def generate_from_a_shared_prefix(self, seq: seqlease.Sequence, which: int, tail: int) -> None:
+        if seq.released:
+            return
+        prompt = _PREFIXES[which] + [300 + i for i in range(tail)]
+        result = seq.generate(prompt, temperature=0, max_tokens=3).result()
+        assert result.finish_reason in ("length", "eog")
+        assert 2 <= result.n_evaluated <= len(prompt)
+        event("prompt started from held tokens" if result.n_evaluated < len(prompt) else "cold")
+        # The sequence holds its prompt (and reply) in order, whatever was copied into it.
+        assert held_tokens(self.ctx, seq.id)[: len(prompt)] == tuple(prompt)
+
     @rule(seq=released)
     def double_release_is_a_counted_noop(self, seq: seqlease.Sequence) -> None:
         seq.release()
@@ -222,6 +262,19 @@ class PoolMachine(RuleBasedStateMachine):
         assert all(
             s.state is SlotState.FREE or s.seq_id in self.live for s in self.ctx._pool.slots()
         )
+
+    @invariant()
+    def memory_agrees_with_the_record(self) -> None:
+        # Every sequence id, leased ones and the cache's: llama.cpp holds what seqlease records.
+        eng = engine(self.ctx)
+        with eng._guard:
+            for seq_id in range(eng._native.n_seq_max):
+                held = eng._ledger.n_tokens(seq_id)
+                assert eng._native.seq_pos_max(seq_id) == held - 1, seq_id
+
+    @invariant()
+    def cache_within_budget(self) -> None:
+        assert self.ctx.stats().prefix_cached_tokens <= _BUDGET
 
     @invariant()
     def stats_agree_with_model(self) -> None:

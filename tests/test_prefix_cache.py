@@ -307,3 +307,20 @@ def test_sharing_off_copies_nothing() -> None:
             0,
             0,
         )
+
+
+def test_completion_backend_counts_what_llama_kept() -> None:
+    # One Llama, one sequence: what it still holds from the last generation (whichever lease
+    # ran it) is this backend's whole prefix cache. A fork has nothing to copy.
+    with seqlease.Context(sequences=2, n_ctx=1024, backend="completion") as ctx:
+        system = system_prompt("Kit", SHORT)
+        with ctx.lease() as seq:
+            first = seq.generate(system + " Hello?", temperature=0, max_tokens=4).result()
+            with seq.fork(timeout=0) as branch:
+                assert branch.n_tokens == 0
+        with ctx.lease() as seq:
+            second = seq.generate(system + " Goodbye?", temperature=0, max_tokens=4).result()
+        stats = ctx.stats()
+        assert stats.prefix_tokens_reused == second.n_prompt - second.n_evaluated > 64
+        assert stats.prefix_hits >= 1
+        assert first.n_evaluated >= second.n_evaluated
