@@ -1,30 +1,42 @@
 """Aggregate generation throughput: seqlease against llama.cpp driven directly, and serial Llama.
 
-Run: ``python benchmarks/throughput.py`` (about 8 minutes; ``--quick`` for about 2).
+Run: ``python benchmarks/throughput.py`` (about 15 minutes on 2 cores; ``--quick`` for about 3
+to 4).
 
 Three paths generate the same requests (same model, same prompt tokens, same sampling: top-k
 40, temperature 0.8, a seeded draw, no top-p / min-p / repeat penalty) with the same
-``n_ctx`` per sequence, ``n_batch`` and ``n_threads``:
+``n_ctx`` per sequence, ``n_batch`` and ``n_threads``, flash attention off (seqlease's setting):
 
 * seqlease: one ``Context``, N threads each leasing a sequence and generating;
 * raw: a plain ctypes loop over ``llama_cpp.llama_cpp`` that prefills every prompt, then decodes
   one token per sequence per ``llama_decode``: the floor for one-batch-per-step decoding;
 * serial: the requests one after another through ``llama_cpp.Llama.create_completion``.
 
+Two tables, each measured in a fresh subprocess of this script (OpenMP reads its wait policy
+once, when llama.cpp loads):
+
+* default, the headline: what users run. OpenMP's default wait policy (``OMP_WAIT_POLICY`` is
+  removed from the measuring process's environment) and seqlease's defaults,
+  ``seqlease.Context(model, sequences=N)`` with nothing else the workload does not need (so
+  ``n_threads`` is ``seqlease.context.default_threads()``, half the cores, and prefix sharing is
+  on); the raw loop and serial ``Llama`` use the same thread count, ``n_ctx`` and ``n_batch``,
+  so the ratios compare like with like;
+* tuned: ``OMP_WAIT_POLICY=PASSIVE`` and ``--threads`` (default: all cores) passed explicitly to
+  every path, with ``--n-ctx`` per sequence. Kept because with the default policy llama.cpp's
+  threads spin at every barrier of the forward pass and collapse as soon as another process
+  takes a core; PASSIVE makes them sleep instead.
+
 Every repeat runs the paths interleaved, so noise from the rest of the machine lands on all of
-them alike; the table shows each point's best run, with the median-run ratio beside it. Peak
+them alike; the tables show each point's best run, with the median-run ratio beside it. Peak
 memory of 8 sequences (one Context against 8 ``Llama`` objects) is measured in fresh subprocesses
 of this script. Writes ``docs/benchmarks.md`` and ``docs/throughput.png`` unless ``--no-write``.
-
-Every path uses all cores with OpenMP's passive wait policy (``OMP_WAIT_POLICY=PASSIVE``, set
-here before llama.cpp loads unless the environment already sets it): with the default policy
-llama.cpp's threads spin at every barrier and collapse as soon as another process takes a core.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import os
 import platform
@@ -37,12 +49,13 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-
-# Must precede the first load of llama.cpp's OpenMP runtime, which reads it once.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from typing import Any, TypedDict, cast
 
 import seqlease
+from seqlease.context import default_threads
+from seqlease.engine.prefixes import MIN_SHARED
 from seqlease.native.library import load_library
+from seqlease.native.names import set_flash_attention
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -51,7 +64,18 @@ DOCS = ROOT / "docs"
 # chains reduce to top-k -> temperature -> seeded draw (Llama also adds no-op typical/penalties).
 TOP_K = 40
 TEMPERATURE = 0.8
-N_BATCH = 512
+
+
+def context_default(name: str) -> int:
+    """The default of one of ``seqlease.Context``'s arguments."""
+    value = inspect.signature(seqlease.Context).parameters[name].default
+    assert isinstance(value, int)
+    return value
+
+
+# seqlease's defaults. Every path uses its n_batch; the tuned table passes it explicitly.
+N_BATCH = context_default("n_batch")
+DEFAULT_N_CTX = context_default("n_ctx")
 
 TOPICS = (
     "a lighthouse keeper",
@@ -98,11 +122,18 @@ class Run:
 # -- the three paths --------------------------------------------------------------------------
 
 
+class ContextOptions(TypedDict, total=False):
+    """What a table passes to ``seqlease.Context`` besides ``sequences``."""
+
+    n_ctx: int
+    n_threads: int
+    n_batch: int
+
+
 class SeqleasePath:
-    def __init__(self, model: str, sequences: int, n_ctx: int, n_threads: int) -> None:
-        self.ctx = seqlease.Context(
-            model, sequences=sequences, n_ctx=n_ctx, n_threads=n_threads, n_batch=N_BATCH
-        )
+    def __init__(self, model: str, sequences: int, options: ContextOptions) -> None:
+        # options: what the table passes besides sequences (nothing, for seqlease's defaults).
+        self.ctx = seqlease.Context(model, sequences=sequences, **options)
 
     def run(self, prompts: list[list[int]], max_tokens: int) -> Run:
         generated = [0] * len(prompts)
@@ -145,8 +176,11 @@ class RawPath:
         mparams.n_gpu_layers = 0
         self.model = lib.llama_model_load_from_file(model.encode(), mparams)
         self.vocab = lib.llama_model_get_vocab(self.model)
-        # The same context parameters seqlease's NativeContext sets, and nothing else.
+        # The same context parameters seqlease's NativeContext sets, and nothing else (one KV
+        # stream per sequence, kv_unified=False, is llama.cpp's default too). It also reserves
+        # stream(s) for its prefix cache: memory only, no work when nothing is cached.
         cparams = lib.llama_context_default_params()
+        set_flash_attention(lib, cparams, False)  # llama.cpp's "auto" turns it on for the CPU
         cparams.n_ctx = n_ctx * sequences
         cparams.n_batch = N_BATCH
         cparams.n_ubatch = N_BATCH
@@ -257,7 +291,8 @@ class SerialPath:
             repeat_penalty=1.0,
             seed=seed,
         )
-        return time.perf_counter() - t0, int(out["usage"]["completion_tokens"])
+        usage = cast("dict[str, Any]", out)["usage"]  # a response, not a stream: no stream=True
+        return time.perf_counter() - t0, int(usage["completion_tokens"])
 
     def close(self) -> None:
         self.llm.close()
@@ -376,18 +411,43 @@ def measure_memory(kind: str, model: str, n_ctx: int, n_threads: int) -> dict[st
     return {"peak_rss_mb": peak_mb, "pss_mb": pss_mb}
 
 
-def run_child(args: argparse.Namespace, *extra: str, wait_policy: str | None = None) -> dict:
-    """Run this script in a fresh process; ``wait_policy=None`` leaves OpenMP's default."""
+def run_child(
+    args: argparse.Namespace, *extra: str, wait_policy: str | None = None, echo: bool = False
+) -> dict[str, Any]:
+    """Run this script in a fresh process; ``wait_policy=None`` leaves OpenMP's default.
+
+    The child answers one JSON line, its last; ``echo`` prints its other lines (progress) as
+    they come and lets its stderr through.
+    """
     cmd = [sys.executable, __file__, "--model", args.model, "--n-ctx", str(args.n_ctx)]
     cmd += ["--threads", str(args.threads), *extra]
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if wait_policy is not None:
         env["OMP_WAIT_POLICY"] = wait_policy
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    if echo:
+        lines: list[str] = []
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+                if not line.startswith("{"):
+                    print(line, end="", flush=True)
+        out, err, code = "".join(lines), "", proc.returncode
+    else:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        out, err, code = done.stdout, done.stderr, done.returncode
+    if code != 0:
+        sys.stderr.write(err)
+        raise SystemExit(f"measurement {' '.join(extra)} failed (exit code {code})")
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
 
 
-# -- the throughput sweep -------------------------------------------------------------------
+# What the probe and memory children answered: {variant: {measure: value}}.
+Measured = dict[str, dict[str, float]]
+
+
+# -- the throughput sweep (a fresh subprocess per table) ------------------------------------
 
 
 @dataclass
@@ -404,11 +464,93 @@ class Sweep:
     def median(self, path: dict[int, list[Run]], c: int) -> float:
         return statistics.median(r.tok_s for r in path[c])
 
+    def to_json(self) -> dict[str, Any]:
+        def runs(path: dict[int, list[Run]]) -> dict[str, list[list[Any]]]:
+            return {str(c): [[r.seconds, r.generated] for r in rs] for c, rs in path.items()}
+
+        return {
+            "concurrency": self.concurrency,
+            "seqlease": runs(self.seqlease),
+            "raw": runs(self.raw),
+            "serial": runs(self.serial),
+            "other_load": self.other_load,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Sweep:
+        def runs(path: dict[str, list[list[Any]]]) -> dict[int, list[Run]]:
+            return {int(c): [Run(float(t), list(n)) for t, n in rs] for c, rs in path.items()}
+
+        return cls(
+            list(data["concurrency"]),
+            runs(data["seqlease"]),
+            runs(data["raw"]),
+            runs(data["serial"]),
+            list(data["other_load"]),
+        )
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one table configures the paths, and the OpenMP wait policy it runs under."""
+
+    key: str
+    title: str
+    wait_policy: str | None  # None: OMP_WAIT_POLICY unset, OpenMP's default
+
+
+SETTINGS = (
+    # The headline first: what users run.
+    Setting("default", "default: seqlease's defaults, OpenMP's default wait policy", None),
+    Setting("tuned", "tuned: OMP_WAIT_POLICY=PASSIVE, explicit threads", "PASSIVE"),
+)
+
+
+@dataclass
+class Table:
+    """One setting's sweep, with what its measuring process actually ran."""
+
+    setting: Setting
+    sweep: Sweep
+    call: str  # how the seqlease path built its Context
+    threads: int  # llama.cpp threads of every path
+    n_ctx: int  # tokens per sequence of every path
+    wait_policy: str | None  # OMP_WAIT_POLICY in the measuring process
+    prefix_hits: int
+    prefix_tokens_reused: int
+
+    @classmethod
+    def from_json(cls, setting: Setting, data: dict[str, Any]) -> Table:
+        return cls(
+            setting,
+            Sweep.from_json(data["sweep"]),
+            str(data["call"]),
+            int(data["threads"]),
+            int(data["n_ctx"]),
+            data["wait_policy"],
+            int(data["prefix_hits"]),
+            int(data["prefix_tokens_reused"]),
+        )
+
+    def settings_text(self) -> str:
+        """The settings as markdown, one sentence."""
+        if self.wait_policy is None:
+            policy = "OpenMP's default wait policy (`OMP_WAIT_POLICY` unset)"
+        else:
+            policy = f"`OMP_WAIT_POLICY={self.wait_policy}`"
+        threads = f"`n_threads={self.threads}`"
+        if self.setting.key == "default":
+            threads += " (`default_threads()`: half the cores, at most 8)"
+        return (
+            f"{policy}; seqlease `{self.call}`, so {self.n_ctx} tokens per sequence, "
+            f"`n_batch={N_BATCH}`, {threads}; the raw loop and serial `Llama` use the same."
+        )
+
 
 def repeats(args: argparse.Namespace, c: int) -> int:
     # A run of 1 or 2 callers lasts about a second, short enough for one burst from a
     # neighbour to decide it: those points get more runs, for about the same cost in tokens.
-    return args.repeats * max(1, 4 // c)
+    return int(args.repeats) * max(1, 4 // c)
 
 
 def runs_text(args: argparse.Namespace) -> str:
@@ -419,12 +561,48 @@ def runs_text(args: argparse.Namespace) -> str:
     return f"{args.repeats} runs" + (f" ({', '.join(extra)})" if extra else "")
 
 
-def sweep(args: argparse.Namespace, prompts: list[list[int]]) -> Sweep:
+def seqlease_options(
+    args: argparse.Namespace, key: str, prompts: list[list[int]]
+) -> ContextOptions:
+    """What the seqlease path passes to ``Context`` besides ``sequences``."""
+    if key == "tuned":
+        return {"n_ctx": args.n_ctx, "n_threads": args.threads, "n_batch": N_BATCH}
+    # seqlease's defaults: only what the workload needs.
+    needed = max(len(p) for p in prompts) + args.tokens
+    return ContextOptions(n_ctx=needed) if needed > DEFAULT_N_CTX else ContextOptions()
+
+
+def measure_table(args: argparse.Namespace, key: str) -> dict[str, Any]:
+    """One table's sweep, in this (child) process; the JSON that :meth:`Table.from_json` reads."""
+    prompts = tokenize_prompts(args.model, max(args.concurrency))
+    options = seqlease_options(args, key, prompts)
+    call = ", ".join(
+        ["model", f"sequences={max(args.concurrency)}", *(f"{k}={v}" for k, v in options.items())]
+    )
+    # What Context picks when n_threads is not given; the other paths are given the same.
+    threads = options.get("n_threads", default_threads())
+    s, prefix_hits, reused, n_ctx = sweep(args, prompts, options, threads)
+    return {
+        "sweep": s.to_json(),
+        "call": f"Context({call})",
+        "threads": threads,
+        "n_ctx": n_ctx,
+        "wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "prefix_hits": prefix_hits,
+        "prefix_tokens_reused": reused,
+    }
+
+
+def sweep(
+    args: argparse.Namespace, prompts: list[list[int]], options: ContextOptions, threads: int
+) -> tuple[Sweep, int, int, int]:
+    """The interleaved runs; also seqlease's prefix hits and tokens reused, and n_ctx."""
     top = max(args.concurrency)
     meter = CpuMeter()
-    sl = SeqleasePath(args.model, top, args.n_ctx, args.threads)
-    raw = RawPath(args.model, top, args.n_ctx, args.threads)
-    serial = SerialPath(args.model, args.n_ctx, args.threads)
+    sl = SeqleasePath(args.model, top, options)
+    n_ctx = sl.ctx.n_ctx  # seqlease's choice: the other paths get the same
+    raw = RawPath(args.model, top, n_ctx, threads)
+    serial = SerialPath(args.model, n_ctx, threads)
     result = Sweep(args.concurrency, {}, {}, {}, [])
     try:
         # Warm-up: page the weights in, let every path build its graphs once.
@@ -436,7 +614,7 @@ def sweep(args: argparse.Namespace, prompts: list[list[int]]) -> Sweep:
             for c in active:
                 # Alternate which path goes first, so a neighbour's burst is not always
                 # billed to the same one.
-                order = [("seqlease", sl), ("raw", raw)]
+                order: list[tuple[str, SeqleasePath | RawPath]] = [("seqlease", sl), ("raw", raw)]
                 for name, path in order if rep % 2 == 0 else order[::-1]:
                     mark = meter.start()
                     run = path.run(prompts[:c], args.tokens)
@@ -466,11 +644,12 @@ def sweep(args: argparse.Namespace, prompts: list[list[int]]) -> Sweep:
                 f"({sum(counts)} tokens over {len(counts)} requests)",
                 flush=True,
             )
+        stats = sl.ctx.stats()
     finally:
         serial.close()
         raw.close()
         sl.close()
-    return result
+    return result, stats.prefix_hits, stats.prefix_tokens_reused, n_ctx
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -555,21 +734,69 @@ def ratio(s: Sweep, against: str, c: int) -> float | None:
     return s.best(s.seqlease, c).tok_s / s.best(getattr(s, against), c).tok_s
 
 
-def interpretation(s: Sweep, probe: dict, memory: dict, args: argparse.Namespace) -> list[str]:
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
+    for row in rows:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def side_by_side(tables: list[Table]) -> tuple[list[str], list[list[str]]]:
+    """seqlease's best-run ratios of every table, one row per caller count."""
+    header = ["callers"]
+    for against in ("raw", "serial"):
+        header += [f"seqlease / {against}, {t.setting.key}" for t in tables]
+    rows = []
+    for c in tables[0].sweep.concurrency:
+        row = [str(c)]
+        for against in ("raw", "serial"):
+            for t in tables:
+                got = ratio(t.sweep, against, c)
+                row.append("-" if got is None else f"{got:.2f}x")
+        rows.append(row)
+    return header, rows
+
+
+def target_rows(tables: list[Table]) -> list[list[str]]:
+    rows = []
+    for label, against, c, goal in TARGETS:
+        row = [label, f">= {goal}x"]
+        for t in tables:
+            got = ratio(t.sweep, against, c)
+            row.append(
+                "-" if got is None else f"{got:.2f}x " + ("met" if got >= goal else "**missed**")
+            )
+        rows.append(row)
+    return rows
+
+
+def interpretation(
+    tables: list[Table], probe: Measured, memory: Measured, args: argparse.Namespace
+) -> list[str]:
     notes = []
+    head = tables[0]
+    s = head.sweep
     lo, hi = min(s.concurrency), max(s.concurrency)
-    gain = s.best(s.raw, hi).tok_s / s.best(s.raw, lo).tok_s
+
+    def gain(t: Table) -> float:
+        return t.sweep.best(t.sweep.raw, hi).tok_s / t.sweep.best(t.sweep.raw, lo).tok_s
+
+    others = ", ".join(f"{gain(t):.2f}x in the {t.setting.key} table" for t in tables[1:])
     notes.append(
-        f"llama.cpp itself gains {gain:.2f}x from decoding {hi} sequences per step instead of "
-        f"{lo} on this machine (raw column), where llama-facts lists 2x (180 -> 360 tok/s from "
-        "1 to 16 sequences, conditions not recorded). That gain is the ceiling for any library "
-        "on top: seqlease / serial can exceed it only by what Llama.create_completion loses "
-        "per token."
+        f"llama.cpp itself gains {gain(head):.2f}x from decoding {hi} sequences per step "
+        f"instead of {lo} with {head.threads} thread(s) and OpenMP's default wait policy (raw "
+        f"column of the first table; {others}), where llama-facts lists 2x (180 -> 360 tok/s "
+        "from 1 to 16 sequences, conditions not recorded). That gain is the ceiling for any "
+        "library on top: seqlease / serial can exceed it only by what Llama.create_completion "
+        "loses per token."
     )
-    vs_raw = ratio(s, "raw", 8)
-    if vs_raw is not None and vs_raw < 0.9:
+    missed = [
+        (t, got) for t in tables if (got := ratio(t.sweep, "raw", 8)) is not None and got < 0.9
+    ]
+    if missed:
+        which = ", ".join(f"{got:.2f}x in the {t.setting.key} table" for t, got in missed)
         notes.append(
-            f"seqlease reaches {vs_raw:.2f}x of the raw loop at 8 callers: target missed. It "
+            f"seqlease reaches {which} of the raw loop at 8 callers: target missed. It "
             "runs the same decode and the same native sampler chain, and when this benchmark "
             "was written its own Python work per token (batch building, sampling call, text "
             "assembly, queue hand-off) was under 1% of the engine thread's time. The gap was "
@@ -583,25 +810,39 @@ def interpretation(s: Sweep, probe: dict, memory: dict, args: argparse.Namespace
             "each step's rows by sequence id brought it to 0.95x (8 callers) and 1.01x (16) of "
             "raw in a side experiment."
         )
-    vs_serial = ratio(s, "serial", 8)
-    if vs_serial is not None and vs_serial < 1.8:
-        raw8 = s.best(s.raw, 8).tok_s / s.best(s.serial, 8).tok_s
-        why = (
-            "the target is out of reach on this machine, where batching gains so little"
-            if raw8 < 1.8
-            else "the shortfall is seqlease's own"
+    for t in tables:
+        vs_serial = ratio(t.sweep, "serial", 8)
+        if vs_serial is not None and vs_serial < 1.8:
+            raw8 = t.sweep.best(t.sweep.raw, 8).tok_s / t.sweep.best(t.sweep.serial, 8).tok_s
+            why = (
+                "the target is out of reach with these settings, where batching gains so little"
+                if raw8 < 1.8
+                else "the shortfall is seqlease's own"
+            )
+            notes.append(
+                f"{t.setting.key.capitalize()} table: seqlease / serial at 8 callers is "
+                f"{vs_serial:.2f}x, the 1.8x target is missed. The raw batch loop itself reaches "
+                f"{raw8:.2f}x over serial, so {why}."
+            )
+    ones = [(t, got) for t in tables if (got := ratio(t.sweep, "serial", 1)) is not None]
+    if ones:
+        each = ", ".join(
+            f"{got:.2f}x ({t.setting.key}: {'meets' if got >= 0.95 else 'misses'} the 0.95x target)"
+            for t, got in ones
         )
-        notes.append(
-            f"seqlease / serial at 8 callers is {vs_serial:.2f}x: the 1.8x target is missed. "
-            f"The raw batch loop itself reaches {raw8:.2f}x over serial, so {why}."
-        )
-    one = ratio(s, "serial", 1)
-    if one is not None:
-        verdict = "meets" if one >= 0.95 else "misses"
-        notes.append(
-            f"One caller: seqlease runs at {one:.2f}x of Llama.create_completion ({verdict} the "
-            "0.95x target)."
-        )
+        notes.append(f"One caller: seqlease runs at {each} of Llama.create_completion.")
+    lengths = sorted({len(p) for p in args.prompts})
+    hits = ", ".join(
+        f"{t.prefix_hits} copies ({t.prefix_tokens_reused} tokens) in the {t.setting.key} table"
+        for t in tables
+    )
+    notes.append(
+        f"Prefix sharing is on (seqlease's default) in both tables: {hits}, warm-up included. "
+        f"The prompts are {lengths[0]} to {lengths[-1]} tokens and share only their chat "
+        f"opening, while with one KV stream per sequence seqlease copies only common prefixes "
+        f"of {MIN_SHARED}+ tokens; each released lease is still kept in the prefix cache (a "
+        "copy of its stream), which the seqlease column pays for."
+    )
     seq_mem, llama_mem = memory["seqlease"], memory["llama"]
     times = llama_mem["peak_rss_mb"] / seq_mem["peak_rss_mb"]
     notes.append(
@@ -615,46 +856,64 @@ def interpretation(s: Sweep, probe: dict, memory: dict, args: argparse.Namespace
     )
     default, passive = probe["default"], probe["passive"]
     notes.append(
-        f"Threads: {args.threads} for every path, OpenMP wait policy "
-        f"{os.environ['OMP_WAIT_POLICY']}. With one core taken by a spinning process, 2 "
-        f"threads decoded {default.get('2:busy', 0.0):.1f} tok/s with OpenMP's default policy "
-        f"and {passive.get('2:busy', 0.0):.1f} with PASSIVE (quiet machine: "
-        f"{default.get('2:as is', 0.0):.1f} and {passive.get('2:as is', 0.0):.1f}). The "
-        "default policy spins at every barrier of the forward pass; earlier runs of this probe "
-        "saw it collapse to about 40 tok/s, with single steps stalled for 2 to 3 seconds, "
-        "where PASSIVE stayed above 100. The probe is short, so single runs vary."
+        f"Threads and wait policy: the first table is what users run, OpenMP's default policy "
+        f"and seqlease's default of {default_threads()} thread(s) here (half the cores); the "
+        f"{', '.join(t.setting.key for t in tables[1:])} table passes {args.threads} threads "
+        "to every path under PASSIVE. With the default policy llama.cpp's threads spin at "
+        "every barrier of the forward pass and collapse as soon as another process takes a "
+        f"core: with one core taken by a spinning process, 2 threads decoded "
+        f"{default.get('2:busy', 0.0):.1f} tok/s with the default policy and "
+        f"{passive.get('2:busy', 0.0):.1f} with PASSIVE (quiet machine: "
+        f"{default.get('2:as is', 0.0):.1f} and {passive.get('2:as is', 0.0):.1f}; 1 thread: "
+        f"{default.get('1:busy', 0.0):.1f} and {passive.get('1:busy', 0.0):.1f} busy). "
+        "Earlier runs of this probe saw 2 default-policy threads collapse to about 40 tok/s, "
+        "with single steps stalled for 2 to 3 seconds, where PASSIVE stayed above 100. The "
+        "probe is short, so single runs vary."
     )
-    loads = s.other_load
+    loads = ", ".join(
+        f"{statistics.median(t.sweep.other_load):.0%} (max {max(t.sweep.other_load):.0%}) "
+        f"in the {t.setting.key} table"
+        for t in tables
+    )
     notes.append(
-        f"Noise: other processes used {statistics.median(loads):.0%} of the machine during "
-        f"the median timed run (max {max(loads):.0%}). The table takes the best of "
-        f"{runs_text(args)}, interleaved across paths; the median-run ratio beside it shows "
-        "how much that choice matters."
+        f"Noise: other processes used {loads} of the machine during the median timed run. "
+        f"The tables take the best of {runs_text(args)}, interleaved across paths; the "
+        "median-run ratio beside it shows how much that choice matters."
     )
     return notes
 
 
-def plot(s: Sweep, path: Path, title: str) -> None:
-    import matplotlib
+def plot(tables: list[Table], path: Path, args: argparse.Namespace) -> None:
+    import matplotlib  # type: ignore[import-not-found, unused-ignore]
 
     matplotlib.use("Agg")  # no display here, and none needed
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for label, runs, style in (
-        ("seqlease", s.seqlease, "o-"),
-        ("raw ctypes batch", s.raw, "s--"),
-        ("serial Llama.create_completion", s.serial, "^:"),
-    ):
-        ax.plot(s.concurrency, [s.best(runs, c).tok_s for c in s.concurrency], style, label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(s.concurrency, [str(c) for c in s.concurrency])
-    ax.set_ylim(bottom=0)
-    ax.set_xlabel("concurrent callers")
-    ax.set_ylabel("generated tokens / s (all callers)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(
+        1, len(tables), figsize=(5.2 * len(tables), 4.2), dpi=110, sharey=True, squeeze=False
+    )
+    for ax, t in zip(axes[0], tables, strict=True):
+        s = t.sweep
+        for label, runs, style in (
+            ("seqlease", s.seqlease, "o-"),
+            ("raw ctypes batch", s.raw, "s--"),
+            ("serial Llama.create_completion", s.serial, "^:"),
+        ):
+            ax.plot(
+                s.concurrency, [s.best(runs, c).tok_s for c in s.concurrency], style, label=label
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(s.concurrency, [str(c) for c in s.concurrency])
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("concurrent callers")
+        policy = t.wait_policy or "default"
+        ax.set_title(
+            f"{t.setting.key}: {t.threads} thread(s), OMP_WAIT_POLICY {policy}", fontsize=10
+        )
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("generated tokens / s (all callers)")
+    axes[0][0].legend()
+    fig.suptitle(f"{Path(args.model).name}, {args.tokens} tokens/request", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -662,22 +921,15 @@ def plot(s: Sweep, path: Path, title: str) -> None:
 
 def write_markdown(
     args: argparse.Namespace,
-    s: Sweep,
-    probe: dict,
-    memory: dict,
-    rows: list[list[str]],
+    tables: list[Table],
+    probe: Measured,
+    memory: Measured,
     command: str,
-    prompts: list[list[int]],
 ) -> str:
     m = machine()
     model = Path(args.model)
-    lengths = sorted(len(p) for p in prompts[: max(s.concurrency)])
-    targets = []
-    for label, against, c, goal in TARGETS:
-        got = ratio(s, against, c)
-        if got is not None:
-            verdict = "met" if got >= goal else "**missed**"
-            targets.append([label, f">= {goal}x", f"{got:.2f}x", verdict])
+    lengths = sorted(len(p) for p in args.prompts)
+    head, tuned = tables[0], tables[1]
     probe_rows = [
         [
             f"{n} thread{'s' if n > 1 else ''}",
@@ -696,6 +948,7 @@ def write_markdown(
             ("llama", f"8 x llama_cpp.Llama(n_ctx={args.n_ctx})"),
         )
     ]
+    ratio_header, ratio_rows = side_by_side(tables)
     text = f"""# Benchmarks
 
 ## Throughput and memory against llama-cpp-python
@@ -707,12 +960,12 @@ section; it rewrites this file and `throughput.png`).
   processes (see the note on noise below).
 - llama-cpp-python {m["llama-cpp-python"]}, seqlease {m["seqlease"]}.
 - Model: `{model.name}` ({model.stat().st_size / 1e6:.0f} MB).
-- Every path: `n_ctx={args.n_ctx}` per sequence, `n_batch={N_BATCH}`, `n_threads={args.threads}`,
-  `OMP_WAIT_POLICY={os.environ["OMP_WAIT_POLICY"]}`,
-  top-k {TOP_K}, temperature {TEMPERATURE}, top-p 1, min-p 0, no repeat penalty, seed = request
-  index; `max_tokens={args.tokens}`; prompts are {len(lengths)} chat-formatted requests for a long
-  story, {lengths[0]} to {lengths[-1]} tokens, passed to every path as the same token ids.
-- seqlease: one `Context(sequences={max(s.concurrency)})`, N threads each doing
+- Every path: the same `n_ctx` per sequence, `n_batch` and `n_threads` (per table, below),
+  flash attention off (seqlease's setting), top-k {TOP_K}, temperature {TEMPERATURE}, top-p 1,
+  min-p 0, no repeat penalty, seed = request index; `max_tokens={args.tokens}`; prompts are
+  {len(lengths)} chat-formatted requests for a long story, {lengths[0]} to {lengths[-1]} tokens,
+  passed to every path as the same token ids.
+- seqlease: one `Context(sequences={max(args.concurrency)})`, N threads each doing
   `with ctx.lease() as seq: seq.generate(...).result()`.
 - raw: ctypes on `llama_cpp.llama_cpp`, the same context parameters, one `llama_decode` per
   step with one token per sequence (sequence ids 0..N-1 in order), a sampler chain per sequence
@@ -721,15 +974,38 @@ section; it rewrites this file and `throughput.png`).
 - tok/s = generated tokens of all N requests / wall time from the first request to the last
   reply; best of {runs_text(args)}, interleaved across paths, after a warm-up.
 
+Two tables from one run, each measured in a fresh process. The first is what users run:
+OpenMP's default wait policy and seqlease's defaults. The second keeps the tuned setting this
+page used before, `OMP_WAIT_POLICY=PASSIVE` and all cores passed explicitly: with the default
+policy llama.cpp's threads spin at every barrier of the forward pass and collapse when another
+process takes a core (see Threads below), and PASSIVE makes them sleep instead.
+
 ![throughput against concurrency](throughput.png)
 
-{markdown_table(HEADER, rows)}
+### Default settings (what users run)
 
-{markdown_table(["target", "goal", "measured", ""], targets)}
+{head.settings_text()}
+
+{markdown_table(HEADER, table_rows(head.sweep, args.tokens))}
+
+### Tuned: `OMP_WAIT_POLICY=PASSIVE`, explicit threads
+
+{tuned.settings_text()}
+
+{markdown_table(HEADER, table_rows(tuned.sweep, args.tokens))}
+
+### seqlease's ratios side by side
+
+Best runs, from the two tables above.
+
+{markdown_table(ratio_header, ratio_rows)}
+
+{markdown_table(["target", "goal", *(t.setting.key for t in tables)], target_rows(tables))}
 
 ### Memory: 8 sequences
 
-Each measured in a fresh process after loading and one 8-token generation per sequence.
+Each measured in a fresh process (OpenMP's default wait policy, `n_threads={args.threads}`) after
+loading and one 8-token generation per sequence.
 
 {markdown_table(["what", "peak RSS MB", "PSS MB at the end"], mem_rows)}
 
@@ -743,7 +1019,7 @@ busy" runs a spinning process beside it.
 ### Interpretation
 
 """
-    text += "\n".join(f"- {note}" for note in interpretation(s, probe, memory, args)) + "\n"
+    text += "\n".join(f"- {note}" for note in interpretation(tables, probe, memory, args)) + "\n"
     return text
 
 
@@ -762,17 +1038,23 @@ def main() -> None:
         "--threads",
         type=int,
         default=os.cpu_count() or 1,
-        help="llama.cpp threads for every path (default: all cores)",
+        help="llama.cpp threads of every path in the tuned table (default: all cores)",
     )
-    parser.add_argument("--n-ctx", type=int, default=512, help="context per sequence")
-    parser.add_argument("--quick", action="store_true", help="shorter run (about 2 minutes)")
+    parser.add_argument(
+        "--n-ctx", type=int, default=512, help="context per sequence in the tuned table"
+    )
+    parser.add_argument("--quick", action="store_true", help="shorter run (about 3-4 minutes)")
     parser.add_argument("--no-write", action="store_true", help="print only, write no docs")
     parser.add_argument(
         "--_memory", choices=["python", "seqlease", "llama"], help=argparse.SUPPRESS
     )
     parser.add_argument("--_probe", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--_table", choices=[s.key for s in SETTINGS], help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.model = str(args.model or seqlease.default_model_path())
+    args.tokens = args.tokens or (32 if args.quick else 64)
+    args.repeats = args.repeats or (2 if args.quick else 4)
+    args.concurrency = sorted(set(args.concurrency))
 
     # Hidden modes: this script run again in a fresh process, answering one JSON line.
     if args._memory:
@@ -782,26 +1064,24 @@ def main() -> None:
     if args._probe:
         print(json.dumps(probe_threads(args.model, args.n_ctx, args._probe)))
         return
+    if args._table:
+        print(json.dumps(measure_table(args, args._table)))
+        return
 
-    args.tokens = args.tokens or (32 if args.quick else 64)
-    args.repeats = args.repeats or (2 if args.quick else 4)
-    args.concurrency = sorted(set(args.concurrency))
     command = " ".join(["python", "benchmarks/throughput.py", *sys.argv[1:]])
     started = time.perf_counter()
+    inherited = os.environ.get("OMP_WAIT_POLICY")
     print(
-        f"model {args.model}\nthreads {args.threads} "
-        f"(OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), "
-        f"n_ctx {args.n_ctx}, {args.tokens} tokens"
+        f"model {args.model}\n{args.tokens} tokens per request; tables: default "
+        f"({default_threads()} thread(s), seqlease's default; OMP_WAIT_POLICY unset"
+        + (f", removed from the environment: it was {inherited}" if inherited else "")
+        + f"), tuned ({args.threads} threads, OMP_WAIT_POLICY=PASSIVE, n_ctx {args.n_ctx})"
     )
 
     # Memory first: Linux carries a process's peak RSS over into the program it execs, so a
-    # child started after this process has loaded three models would report our peak, not its.
+    # child started after this process has loaded a model would report our peak, not its.
     print("memory ...", flush=True)
-    policy = os.environ["OMP_WAIT_POLICY"]
-    memory = {
-        kind: run_child(args, "--_memory", kind, wait_policy=policy)
-        for kind in ("python", "seqlease", "llama")
-    }
+    memory = {kind: run_child(args, "--_memory", kind) for kind in ("python", "seqlease", "llama")}
     print(f"  {memory}")
 
     print("thread probe ...", flush=True)
@@ -812,25 +1092,37 @@ def main() -> None:
     }
     print(f"  {probe}")
 
-    prompts = tokenize_prompts(args.model, max(args.concurrency))
-    if max(len(p) for p in prompts) + args.tokens > args.n_ctx:
+    args.prompts = tokenize_prompts(args.model, max(args.concurrency))
+    if max(len(p) for p in args.prompts) + args.tokens > args.n_ctx:
         parser.error(f"--n-ctx {args.n_ctx} is too small for the prompts + {args.tokens} tokens")
-    print("throughput ...", flush=True)
-    s = sweep(args, prompts)
+    sweep_args = ["--tokens", str(args.tokens), "--repeats", str(args.repeats)]
+    sweep_args += ["--concurrency", *(str(c) for c in args.concurrency)]
+    tables = []
+    for setting in SETTINGS:
+        print(f"throughput, {setting.title} ...", flush=True)
+        data = run_child(
+            args, "--_table", setting.key, *sweep_args, wait_policy=setting.wait_policy, echo=True
+        )
+        tables.append(Table.from_json(setting, data))
 
-    rows = table_rows(s, args.tokens)
+    for t in tables:
+        policy = "unset" if t.wait_policy is None else t.wait_policy
+        print(
+            f"\n{t.setting.title}: {t.call}; every path {t.threads} thread(s), n_ctx {t.n_ctx}, "
+            f"n_batch {N_BATCH}, OMP_WAIT_POLICY {policy}; seqlease prefix hits "
+            f"{t.prefix_hits} ({t.prefix_tokens_reused} tokens reused)"
+        )
+        print_table(HEADER, table_rows(t.sweep, args.tokens))
+    print("\nseqlease's ratios side by side (best runs)")
+    print_table(*side_by_side(tables))
     print()
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADER)]
-    print("  ".join(h.rjust(w) for h, w in zip(HEADER, widths, strict=True)))
-    for row in rows:
-        print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
-    for note in interpretation(s, probe, memory, args):
+    print_table(["target", "goal", *(t.setting.key for t in tables)], target_rows(tables))
+    for note in interpretation(tables, probe, memory, args):
         print(f"- {note}")
     if not args.no_write:
         DOCS.mkdir(exist_ok=True)
-        title = f"{Path(args.model).name}, {args.threads} thread(s), {args.tokens} tokens/request"
-        plot(s, DOCS / "throughput.png", title)
-        md = write_markdown(args, s, probe, memory, rows, command, prompts)
+        plot(tables, DOCS / "throughput.png", args)
+        md = write_markdown(args, tables, probe, memory, command)
         (DOCS / "benchmarks.md").write_text(md)
         print(f"wrote {DOCS / 'benchmarks.md'} and {DOCS / 'throughput.png'}")
     print(f"total {time.perf_counter() - started:.0f} s")

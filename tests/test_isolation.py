@@ -1,7 +1,7 @@
 """One request never hurts another: a fault in one job's own work fails that job alone.
 
 Faults are injected into seqlease's own code (never the binding), one test per stage of a
-job's life on the engine thread: starting (prefix reuse), building its sampler, sampling,
+job's life on the engine thread: starting (prefix matching), building its sampler, sampling,
 detokenizing and delivering text. Four generations run at once; the faulty one's caller gets
 its error within a second, the other three finish with exactly the text they give without the
 fault, and the Context serves on with every sequence free and empty afterwards.
@@ -82,14 +82,14 @@ def _is_faulty_job(job: Job) -> bool:
 
 def _fault_when_starting(mp: pytest.MonkeyPatch, ctx: seqlease.Context) -> None:
     faulty_tokens = ctx._backend.model.tokenize(FAULTY)
-    real = KvLedger.reuse
+    real = KvLedger.common
 
-    def reuse(self: KvLedger, seq_id: int, prompt: list[int]) -> int:
+    def common(self: KvLedger, seq_id: int, prompt: list[int]) -> int:
         if list(prompt) == faulty_tokens:
-            raise RuntimeError("injected: prefix reuse failed")
+            raise RuntimeError("injected: prefix matching failed")
         return real(self, seq_id, prompt)
 
-    mp.setattr(KvLedger, "reuse", reuse)
+    mp.setattr(KvLedger, "common", common)
 
 
 def _fault_building_the_sampler(mp: pytest.MonkeyPatch, ctx: seqlease.Context) -> None:
