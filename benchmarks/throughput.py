@@ -1,7 +1,6 @@
 """Aggregate generation throughput: seqlease against llama.cpp driven directly, and serial Llama.
 
-Run: ``python benchmarks/throughput.py`` (about 15 minutes on 2 cores; ``--quick`` for about 3
-to 4).
+Run: ``python benchmarks/throughput.py`` (about 10 minutes on 2 cores; ``--quick`` for 2 to 3).
 
 Three paths generate the same requests (same model, same prompt tokens, same sampling: top-k
 40, temperature 0.8, a seeded draw, no top-p / min-p / repeat penalty) with the same
@@ -734,6 +733,10 @@ def ratio(s: Sweep, against: str, c: int) -> float | None:
     return s.best(s.seqlease, c).tok_s / s.best(getattr(s, against), c).tok_s
 
 
+def threads_text(n: int) -> str:
+    return f"{n} thread{'s' if n != 1 else ''}"
+
+
 def print_table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
@@ -784,7 +787,7 @@ def interpretation(
     others = ", ".join(f"{gain(t):.2f}x in the {t.setting.key} table" for t in tables[1:])
     notes.append(
         f"llama.cpp itself gains {gain(head):.2f}x from decoding {hi} sequences per step "
-        f"instead of {lo} with {head.threads} thread(s) and OpenMP's default wait policy (raw "
+        f"instead of {lo} with {threads_text(head.threads)} and OpenMP's default wait policy (raw "
         f"column of the first table; {others}), where llama-facts lists 2x (180 -> 360 tok/s "
         "from 1 to 16 sequences, conditions not recorded). That gain is the ceiling for any "
         "library on top: seqlease / serial can exceed it only by what Llama.create_completion "
@@ -830,7 +833,15 @@ def interpretation(
             f"{got:.2f}x ({t.setting.key}: {'meets' if got >= 0.95 else 'misses'} the 0.95x target)"
             for t, got in ones
         )
-        notes.append(f"One caller: seqlease runs at {each} of Llama.create_completion.")
+        notes.append(
+            f"One caller: seqlease runs at {each} of Llama.create_completion. Llama keeps the "
+            "previous call's tokens in its context and evaluates only the prompt after the "
+            "common prefix: every serial request reuses the chat opening of the one before it, "
+            "and once only the 1-caller point is left in the repeats, the same prompt follows "
+            "itself and only its last token is evaluated. seqlease (which copies prefixes of "
+            f"{MIN_SHARED}+ tokens only) and the raw loop evaluate every prompt whole, so the "
+            "1-caller ratio includes that difference, not only per-token cost."
+        )
     lengths = sorted({len(p) for p in args.prompts})
     hits = ", ".join(
         f"{t.prefix_hits} copies ({t.prefix_tokens_reused} tokens) in the {t.setting.key} table"
@@ -857,7 +868,7 @@ def interpretation(
     default, passive = probe["default"], probe["passive"]
     notes.append(
         f"Threads and wait policy: the first table is what users run, OpenMP's default policy "
-        f"and seqlease's default of {default_threads()} thread(s) here (half the cores); the "
+        f"and seqlease's default of {threads_text(default_threads())} here (half the cores); the "
         f"{', '.join(t.setting.key for t in tables[1:])} table passes {args.threads} threads "
         "to every path under PASSIVE. With the default policy llama.cpp's threads spin at "
         "every barrier of the forward pass and collapse as soon as another process takes a "
@@ -876,9 +887,9 @@ def interpretation(
         for t in tables
     )
     notes.append(
-        f"Noise: other processes used {loads} of the machine during the median timed run. "
-        f"The tables take the best of {runs_text(args)}, interleaved across paths; the "
-        "median-run ratio beside it shows how much that choice matters."
+        f"Noise: share of the machine other processes used during the median timed run: "
+        f"{loads}. The tables take the best of {runs_text(args)}, interleaved across paths; "
+        "the median-run ratios beside them show how much that choice matters."
     )
     return notes
 
@@ -908,7 +919,7 @@ def plot(tables: list[Table], path: Path, args: argparse.Namespace) -> None:
         ax.set_xlabel("concurrent callers")
         policy = t.wait_policy or "default"
         ax.set_title(
-            f"{t.setting.key}: {t.threads} thread(s), OMP_WAIT_POLICY {policy}", fontsize=10
+            f"{t.setting.key}: {threads_text(t.threads)}, OMP_WAIT_POLICY {policy}", fontsize=10
         )
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("generated tokens / s (all callers)")
@@ -1043,7 +1054,7 @@ def main() -> None:
     parser.add_argument(
         "--n-ctx", type=int, default=512, help="context per sequence in the tuned table"
     )
-    parser.add_argument("--quick", action="store_true", help="shorter run (about 3-4 minutes)")
+    parser.add_argument("--quick", action="store_true", help="shorter run (about 2-3 minutes)")
     parser.add_argument("--no-write", action="store_true", help="print only, write no docs")
     parser.add_argument(
         "--_memory", choices=["python", "seqlease", "llama"], help=argparse.SUPPRESS
@@ -1073,7 +1084,7 @@ def main() -> None:
     inherited = os.environ.get("OMP_WAIT_POLICY")
     print(
         f"model {args.model}\n{args.tokens} tokens per request; tables: default "
-        f"({default_threads()} thread(s), seqlease's default; OMP_WAIT_POLICY unset"
+        f"({threads_text(default_threads())}, seqlease's default; OMP_WAIT_POLICY unset"
         + (f", removed from the environment: it was {inherited}" if inherited else "")
         + f"), tuned ({args.threads} threads, OMP_WAIT_POLICY=PASSIVE, n_ctx {args.n_ctx})"
     )
@@ -1108,7 +1119,8 @@ def main() -> None:
     for t in tables:
         policy = "unset" if t.wait_policy is None else t.wait_policy
         print(
-            f"\n{t.setting.title}: {t.call}; every path {t.threads} thread(s), n_ctx {t.n_ctx}, "
+            f"\n{t.setting.title}: {t.call}; every path {threads_text(t.threads)}, "
+            f"n_ctx {t.n_ctx}, "
             f"n_batch {N_BATCH}, OMP_WAIT_POLICY {policy}; seqlease prefix hits "
             f"{t.prefix_hits} ({t.prefix_tokens_reused} tokens reused)"
         )
