@@ -81,11 +81,12 @@ class Prefixes:
         """Cache what ``seq_id`` holds before it is cleared, evicting the least recently used.
 
         An entry that is a prefix of the new one is replaced by it; one the new one is a
-        prefix of is only marked used. Nothing is kept when the budget cannot hold it.
+        prefix of is only marked used. Nothing is kept when the budget cannot hold it, nor
+        when it is shorter than :data:`MIN_SHARED` (no prompt would ever copy from it).
         """
         tokens = self._ledger.tokens(seq_id)
         n = len(tokens)
-        if not n or n > self._budget:
+        if n < MIN_SHARED or n > self._budget:  # too short to be copied from, or too long
             return
         for entry in list(self._entries):
             common = self._ledger.common(entry, tokens)
