@@ -15,8 +15,14 @@ import pytest
 
 import seqlease
 from helpers import engine, held_tokens, native_pos_max, settle
-from seqlease.engine.ledger import common_prefix
-from seqlease.engine.prefixes import MIN_SHARED
+from seqlease.engine.layout import plan_layout
+from seqlease.engine.ledger import KvLedger, common_prefix
+from seqlease.engine.prefixes import MIN_SHARED, Prefixes
+from seqlease.native.context import NativeContext
+from seqlease.native.library import load_library
+from seqlease.native.memory import resolve_memory_api
+from seqlease.native.model import NativeModel
+from tiny_model import tiny_model_path
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -324,3 +330,33 @@ def test_completion_backend_counts_what_llama_kept() -> None:
         assert stats.prefix_tokens_reused == second.n_prompt - second.n_evaluated > 64
         assert stats.prefix_hits >= 1
         assert first.n_evaluated >= second.n_evaluated
+
+
+def test_with_sharing_off_nobody_waits_for_a_reader() -> None:
+    # A request waits for another one still evaluating the same prefix only to copy it after;
+    # with sharing off there is nothing to copy, so it must start beside the reader at once.
+    lib = load_library()
+    memory, _ = resolve_memory_api(lib)
+    assert memory is not None
+    model = NativeModel(lib, tiny_model_path())
+    layout = plan_layout(sequences=2, n_ctx_seq=256, cache_tokens=256, unified=False, max_seq=8)
+    native = NativeContext(
+        lib,
+        model,
+        memory,
+        n_seq_max=layout.n_seq_max,
+        n_ctx_seq=256,
+        n_ctx_total=layout.n_ctx_total,
+        n_batch=64,
+        n_threads=1,
+        kv_unified=False,
+    )
+    try:
+        prompt = [10 + i % 50 for i in range(200)]
+        ledger = KvLedger(native)
+        ask = {"own": 0, "limit": len(prompt) - 2, "reading": [prompt]}
+        assert Prefixes(ledger, layout).choose(prompt, 1, **ask) is None  # waits, then copies
+        assert Prefixes(ledger, layout, enabled=False).choose(prompt, 1, **ask) == (-1, 0)
+    finally:
+        native.close()
+        model.close()

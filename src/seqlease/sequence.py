@@ -190,10 +190,10 @@ class Sequence:
         """Lease another sequence holding a copy of this one's memory now.
 
         For n-best answers, branching agents and "regenerate": each branch continues from the
-        same tokens without evaluating them again (one KV buffer: the copy shares their
-        cells). Waits for a free sequence as :meth:`Context.acquire` does (``timeout``
-        likewise); release the new handle like any other (``with seq.fork() as other:``).
-        On the completion backend no sequence holds tokens, so the fork starts empty too.
+        same tokens without evaluating them again (llama.cpp's ``seq_cp``). Waits for a free
+        sequence as :meth:`Context.acquire` does (``timeout`` likewise); release the new handle
+        like any other (``with seq.fork() as other:``). On the completion backend no sequence
+        holds tokens, so the fork starts empty too.
 
         Raises:
             SequenceReleasedError: this handle was released.

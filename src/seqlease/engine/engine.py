@@ -25,8 +25,8 @@ from types import ModuleType
 from seqlease.backends.base import PrefixStats
 from seqlease.backends.worker import JobWorker
 from seqlease.engine.layout import KvLayout
-from seqlease.engine.ledger import KvLedger, common_prefix
-from seqlease.engine.prefixes import MIN_SHARED, Prefixes
+from seqlease.engine.ledger import KvLedger
+from seqlease.engine.prefixes import Prefixes
 from seqlease.engine.sampling import build_sampler
 from seqlease.engine.schedule import plan_batch
 from seqlease.errors import DecodeError
@@ -153,18 +153,15 @@ class Engine(JobWorker):
         prompt = job.prompt
         limit = max(0, len(prompt) - 2)
         own = min(self._ledger.common(job.seq_id, prompt), limit)
-        source, held = self._prefixes.best(prompt, job.seq_id)
-        held = min(held, limit)
-        ahead = max(
-            (min(common_prefix(r.prompt, prompt), limit) for r in self._active if r.pending),
-            default=0,
-        )
-        if ahead - max(own, held) >= MIN_SHARED:
+        reading = (r.prompt for r in self._active if r.pending)
+        choice = self._prefixes.choose(prompt, job.seq_id, own=own, limit=limit, reading=reading)
+        if choice is None:
             return
-        if held - own >= MIN_SHARED:
-            keep = self._prefixes.copy(source, job.seq_id, held, own=own)
+        source, n = choice
+        if source < 0:
+            keep = self._ledger.reuse(job.seq_id, n)
         else:
-            keep = self._ledger.reuse(job.seq_id, prompt, limit)
+            keep = self._prefixes.copy(source, job.seq_id, n, own=own)
         job.n_past = keep
         job.pending = prompt[keep:]
         job.n_evaluated = len(job.pending)

@@ -51,15 +51,14 @@ class KvLedger:
         """How many leading tokens of ``prompt`` the sequence holds."""
         return common_prefix(self._held[seq_id], prompt)
 
-    def reuse(self, seq_id: int, prompt: list[int], limit: int) -> int:
-        """Keep the longest prefix of ``prompt`` the sequence holds, up to ``limit``; drop the rest.
+    def reuse(self, seq_id: int, n: int) -> int:
+        """Keep the first ``n`` tokens the sequence holds (a prompt's prefix); drop the rest.
 
         Returns how many tokens were kept.
         """
-        keep = min(self.common(seq_id, prompt), limit)
-        if keep < len(self._held[seq_id]):
-            keep = self.truncate(seq_id, keep)
-        return keep
+        if n < len(self._held[seq_id]):
+            return self.truncate(seq_id, n)
+        return n
 
     def copy(self, src: int, dst: int, n: int) -> int:
         """Make ``dst`` hold exactly the first ``n`` tokens of ``src``; returns what it holds."""

@@ -12,11 +12,11 @@ When a lease ends, what its sequence held is kept as a cache entry in a reserved
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from seqlease.backends.base import PrefixStats
 from seqlease.engine.layout import KvLayout
-from seqlease.engine.ledger import KvLedger
+from seqlease.engine.ledger import KvLedger, common_prefix
 
 __all__ = ["MIN_SHARED", "Prefixes"]
 
@@ -36,8 +36,8 @@ class Prefixes:
         """Share prefixes among ``layout``'s sequences (``enabled=False``: never)."""
         self._ledger = ledger
         self._enabled = enabled
-        self._budget = layout.cache_tokens if enabled else 0
-        self._spare = list(layout.cache_ids) if enabled else []
+        self._budget = layout.cache_tokens
+        self._spare = list(layout.cache_ids)
         self._entries: OrderedDict[int, None] = OrderedDict()  # cache ids, oldest use first
         self._sources = range(layout.n_seq_max)
         # Counters read by stats() from any thread without the guard: plain ints only.
@@ -49,14 +49,36 @@ class Prefixes:
         """Copies made so far and the tokens they saved."""
         return PrefixStats(hits=self._hits, tokens_reused=self._reused, cached=self._cached)
 
-    def best(self, prompt: Sequence[int], dst: int) -> tuple[int, int]:
-        """The sequence other than ``dst`` holding the longest prefix of ``prompt``, and its length.
+    def choose(
+        self,
+        prompt: Sequence[int],
+        dst: int,
+        *,
+        own: int,
+        limit: int,
+        reading: Iterable[Sequence[int]],
+    ) -> tuple[int, int] | None:
+        """Where ``dst`` gets the first tokens of ``prompt`` from, and how many.
 
-        ``(-1, 0)`` when none holds any of it (or sharing is off).
+        ``own``: tokens of it ``dst`` holds already; ``limit``: most it may take;
+        ``reading``: prompts still being evaluated elsewhere. Returns ``(source, n)`` to copy
+        from another sequence, ``(-1, own)`` to keep its own, ``None`` to wait for a reader
+        that will soon hold at least :data:`MIN_SHARED` tokens more than anyone does now.
         """
-        found, length = -1, 0
         if not self._enabled:
-            return found, length
+            return -1, own
+        source, held = self._best(prompt, dst)
+        held = min(held, limit)
+        ahead = max((min(common_prefix(p, prompt), limit) for p in reading), default=0)
+        if ahead - max(own, held) >= MIN_SHARED:
+            return None
+        if held - own >= MIN_SHARED:
+            return source, held
+        return -1, own
+
+    def _best(self, prompt: Sequence[int], dst: int) -> tuple[int, int]:
+        """The sequence other than ``dst`` holding most of ``prompt``'s start, and how much."""
+        found, length = -1, 0
         for source in self._sources:
             if source != dst and self._ledger.n_tokens(source) > length:
                 n = self._ledger.common(source, prompt)

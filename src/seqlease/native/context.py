@@ -163,11 +163,11 @@ class NativeContext:
         per sequence: the whole stream is copied, then cut at ``n``. Where a sequence cannot be
         cut (recurrent models), ``dst`` ends up empty and 0 is returned.
         """
-        self.seq_rm(dst)
         if self.kv_unified:
+            self.seq_rm(dst)
             self.seq_cp(src, dst, 0, n)
             return n
-        self.seq_cp(src, dst)
+        self.seq_cp(src, dst)  # across streams: replaces whatever dst held
         if self.seq_rm(dst, n, -1):
             return n
         self.seq_rm(dst)
