@@ -54,22 +54,22 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections import deque
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from report import CpuMeter, child_json, machine, markdown_table, print_table
+
 import seqlease
 from seqlease.context import default_threads
+from seqlease.engine.ledger import common_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "benchmarks-long-prompts.md"
@@ -304,17 +304,6 @@ def engine_of(ctx: seqlease.Context) -> Any:
     return ctx._backend.engine  # type: ignore[attr-defined]
 
 
-def common_prefix(prompts: list[list[int]]) -> int:
-    """Length of the token prefix all ``prompts`` share."""
-    n = len(prompts[0])
-    for prompt in prompts[1:]:
-        i, limit = 0, min(n, len(prompt))
-        while i < limit and prompts[0][i] == prompt[i]:
-            i += 1
-        n = i
-    return n
-
-
 def prompt_tokens_decoded(delta: int, replies: list[Reply]) -> int:
     """Prompt tokens among ``delta`` decoded ones: each reply fed back all but its last token."""
     return delta - sum(max(0, r.n_generated - 1) for r in replies)
@@ -330,31 +319,6 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class CpuMeter:
-    """How much of the machine *other* processes used while a run was timed."""
-
-    def __init__(self) -> None:
-        self._tick = os.sysconf("SC_CLK_TCK")
-        self._ncpu = os.cpu_count() or 1
-
-    def _busy(self) -> float:
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(x) for x in f.readline().split()[1:]]
-        except OSError:
-            return 0.0
-        return (sum(fields) - fields[3] - fields[4]) / self._tick  # minus idle and iowait
-
-    def start(self) -> tuple[float, float, float]:
-        return time.perf_counter(), self._busy(), time.process_time()
-
-    def other_share(self, mark: tuple[float, float, float]) -> float:
-        wall = time.perf_counter() - mark[0]
-        ours = time.process_time() - mark[2]
-        other = self._busy() - mark[1] - ours
-        return max(0.0, min(1.0, other / (wall * self._ncpu)))
 
 
 # -- measurements (each in a fresh subprocess) -------------------------------------------------
@@ -465,7 +429,7 @@ def run_burst(ctx: seqlease.Context, n: int) -> dict[str, Any]:
         raise errors[0]
     done = [r for r in replies if r is not None]
     stats = ctx.stats()
-    common = common_prefix(prompts)
+    common = min(common_prefix(prompts[0], p) for p in prompts[1:])
     lengths = [len(p) for p in prompts]
     return {
         "n": n,
@@ -522,10 +486,6 @@ def run_single(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_child(args: argparse.Namespace, *extra: str, policy: str | None) -> dict[str, Any]:
     """This script in a fresh process; ``policy=None`` leaves OpenMP's default wait policy."""
-    env = dict(os.environ)
-    env.pop("OMP_WAIT_POLICY", None)
-    if policy is not None:
-        env["OMP_WAIT_POLICY"] = policy
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -539,12 +499,7 @@ def run_child(args: argparse.Namespace, *extra: str, policy: str | None) -> dict
         str(args.single_repeats),
         *extra,
     ]
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr)
-        raise SystemExit(f"measurement {' '.join(extra)} failed (exit code {proc.returncode})")
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result
+    return child_json(command, wait_policy=policy)
 
 
 # -- summary --------------------------------------------------------------------------------
@@ -708,40 +663,6 @@ def single_ratios(single: dict[str, Any]) -> tuple[float, float]:
 
 def layout(run: dict[str, Any]) -> str:
     return "one KV buffer" if run["kv_unified"] else "one KV stream per sequence"
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
-    for row in rows:
-        print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
-
-
-def machine() -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    ram = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-        with open("/proc/meminfo") as f:
-            ram = f"{int(f.readline().split()[1]) / 1024**2:.0f} GiB"
-    except OSError:
-        pass
-    return {
-        "cpu": f"{os.cpu_count()} cores, {cpu}",
-        "ram": ram,
-        "os": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "llama-cpp-python": metadata.version("llama-cpp-python"),
-        "seqlease": seqlease.__version__,
-    }
 
 
 def notes(

@@ -38,7 +38,6 @@ import datetime
 import inspect
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -46,9 +45,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, TypedDict, cast
+
+from report import CpuMeter, child_json, machine, markdown_table, print_table
 
 import seqlease
 from seqlease.context import default_threads
@@ -308,33 +308,6 @@ def tokenize_prompts(model: str, n: int) -> list[list[int]]:
         native.close()
 
 
-class CpuMeter:
-    """How much of the machine *other* processes used while a run was timed.
-
-    The box is shared: a neighbour's test run takes a core for seconds at a time. Recording its
-    share next to every timing shows which numbers it touched.
-    """
-
-    def __init__(self) -> None:
-        self._tick = os.sysconf("SC_CLK_TCK")
-        self._ncpu = os.cpu_count() or 1
-
-    def _busy(self) -> float:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        idle = fields[3] + fields[4]  # idle + iowait
-        return (sum(fields) - idle) / self._tick
-
-    def start(self) -> tuple[float, float, float]:
-        return time.perf_counter(), self._busy(), time.process_time()
-
-    def other_share(self, mark: tuple[float, float, float]) -> float:
-        wall = time.perf_counter() - mark[0]
-        ours = time.process_time() - mark[2]
-        other = self._busy() - mark[1] - ours
-        return max(0.0, min(1.0, other / (wall * self._ncpu)))
-
-
 # -- thread probe (a fresh subprocess per OpenMP wait policy) -------------------------------
 
 
@@ -413,33 +386,10 @@ def measure_memory(kind: str, model: str, n_ctx: int, n_threads: int) -> dict[st
 def run_child(
     args: argparse.Namespace, *extra: str, wait_policy: str | None = None, echo: bool = False
 ) -> dict[str, Any]:
-    """Run this script in a fresh process; ``wait_policy=None`` leaves OpenMP's default.
-
-    The child answers one JSON line, its last; ``echo`` prints its other lines (progress) as
-    they come and lets its stderr through.
-    """
+    """Run this script in a fresh process; ``wait_policy=None`` leaves OpenMP's default."""
     cmd = [sys.executable, __file__, "--model", args.model, "--n-ctx", str(args.n_ctx)]
     cmd += ["--threads", str(args.threads), *extra]
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if wait_policy is not None:
-        env["OMP_WAIT_POLICY"] = wait_policy
-    if echo:
-        lines: list[str] = []
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) as proc:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                lines.append(line)
-                if not line.startswith("{"):
-                    print(line, end="", flush=True)
-        out, err, code = "".join(lines), "", proc.returncode
-    else:
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-        out, err, code = done.stdout, done.stderr, done.returncode
-    if code != 0:
-        sys.stderr.write(err)
-        raise SystemExit(f"measurement {' '.join(extra)} failed (exit code {code})")
-    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
-    return result
+    return child_json(cmd, wait_policy=wait_policy, echo=echo)
 
 
 # What the probe and memory children answered: {variant: {measure: value}}.
@@ -661,26 +611,6 @@ TARGETS = (
 )
 
 
-def machine() -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-        with open("/proc/meminfo") as f:
-            ram = f"{int(f.readline().split()[1]) / 1024**2:.0f} GiB"
-    except OSError:
-        ram = "?"
-    return {
-        "cpu": f"{os.cpu_count()} cores, {cpu}",
-        "ram": ram,
-        "os": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "llama-cpp-python": metadata.version("llama-cpp-python"),
-        "seqlease": seqlease.__version__,
-    }
-
-
 def table_rows(s: Sweep, tokens: int) -> list[list[str]]:
     rows = []
     for c in s.concurrency:
@@ -721,12 +651,6 @@ HEADER = [
 ]
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def ratio(s: Sweep, against: str, c: int) -> float | None:
     if c not in s.concurrency:
         return None
@@ -735,13 +659,6 @@ def ratio(s: Sweep, against: str, c: int) -> float | None:
 
 def threads_text(n: int) -> str:
     return f"{n} thread{'s' if n != 1 else ''}"
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
-    for row in rows:
-        print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
 
 
 def side_by_side(tables: list[Table]) -> tuple[list[str], list[list[str]]]:
@@ -851,8 +768,8 @@ def interpretation(
         f"Prefix sharing is on (seqlease's default) in both tables: {hits}, warm-up included. "
         f"The prompts are {lengths[0]} to {lengths[-1]} tokens and share only their chat "
         f"opening, while with one KV stream per sequence seqlease copies only common prefixes "
-        f"of {MIN_SHARED}+ tokens; each released lease is still kept in the prefix cache (a "
-        "copy of its stream), which the seqlease column pays for."
+        f"of {MIN_SHARED}+ tokens and keeps no shorter entry in its cache, so nothing is "
+        "copied here."
     )
     seq_mem, llama_mem = memory["seqlease"], memory["llama"]
     times = llama_mem["peak_rss_mb"] / seq_mem["peak_rss_mb"]
