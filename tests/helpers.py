@@ -71,3 +71,43 @@ def wait_for(predicate, timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.0005)
+
+
+def native_context(
+    lib,
+    model,
+    memory,
+    *,
+    n_seq_max: int,
+    n_ctx_seq: int,
+    n_batch: int,
+    unified: bool,
+    layout=None,
+    **options,
+):
+    """A ``NativeContext`` of ``n_seq_max`` sequences (or ``layout``'s), one thread, FA off.
+
+    ``options`` go to :class:`ContextOptions` (``type_k="q8_0"``, ...). Its ``sequences`` is
+    1, so that a control may build what ``Context`` refuses (n_batch below the sequences).
+    """
+    from seqlease.engine.layout import KvLayout
+    from seqlease.native.context import NativeContext
+    from seqlease.options import ContextOptions
+
+    settings = {"n_threads": 1, "flash_attn": False, **options}
+    context = ContextOptions(
+        sequences=1, n_ctx=n_ctx_seq, n_batch=n_batch, kv_unified=unified, **settings
+    )
+    layout = layout or KvLayout(n_seq_max, n_ctx_seq, 0, 0, unified)
+    return NativeContext(lib, model, memory, context, layout)
+
+
+def completion_backend(path, **options):
+    """A ``CompletionBackend`` on ``path`` with ``ContextOptions(**options)``, resolved."""
+    from seqlease.backends.completion import CompletionBackend
+    from seqlease.native.library import load_library
+    from seqlease.native.params import resolve
+    from seqlease.options import ContextOptions, ModelOptions
+
+    model, context = resolve(load_library(), ModelOptions(), ContextOptions(**options))
+    return CompletionBackend(path, model, context)

@@ -23,6 +23,7 @@ import llama_cpp.llama_cpp as lib
 import pytest
 
 import seqlease
+from helpers import completion_backend
 from seqlease.backends.completion import CompletionBackend
 from seqlease.backends.worker import JobWorker
 from seqlease.errors import (
@@ -78,7 +79,7 @@ def bounded(call: Callable[[], T], timeout: float = TIMEOUT) -> T:
 
 @pytest.fixture(scope="module")
 def backend() -> Iterator[CompletionBackend]:
-    b = CompletionBackend(tiny_model_path(), **OPTIONS)
+    b = completion_backend(tiny_model_path(), **OPTIONS)
     yield b
     bounded(b.close)
 
@@ -86,7 +87,7 @@ def backend() -> Iterator[CompletionBackend]:
 @pytest.fixture
 def fresh() -> Iterator[CompletionBackend]:
     """A backend of its own, for tests that close it or leave it in a special state."""
-    b = CompletionBackend(tiny_model_path(), **OPTIONS)
+    b = completion_backend(tiny_model_path(), **OPTIONS)
     yield b
     bounded(b.close)
 
@@ -678,13 +679,13 @@ def test_close_from_another_thread_while_idle(fresh: CompletionBackend) -> None:
 
 def test_missing_or_bad_model_raises_model_load_error(tmp_path: Any) -> None:
     with pytest.raises(ModelLoadError, match="does not exist"):
-        CompletionBackend(tmp_path / "missing.gguf", **OPTIONS)
+        completion_backend(tmp_path / "missing.gguf", **OPTIONS)
     with pytest.raises(ModelLoadError, match="directory"):
-        CompletionBackend(tmp_path, **OPTIONS)
+        completion_backend(tmp_path, **OPTIONS)
     text = tmp_path / "model.gguf"
     text.write_text("not a model")
     with pytest.raises(ModelLoadError, match="not a GGUF"):
-        CompletionBackend(text, **OPTIONS)
+        completion_backend(text, **OPTIONS)
 
 
 def test_damaged_gguf_raises_model_load_error(run_python: Any, tmp_path: Any) -> None:
@@ -693,10 +694,11 @@ def test_damaged_gguf_raises_model_load_error(run_python: Any, tmp_path: Any) ->
     damaged.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
     code = """
 import sys
+sys.path.insert(0, "tests")
+from helpers import completion_backend
 from seqlease import ModelLoadError
-from seqlease.backends.completion import CompletionBackend
 try:
-    CompletionBackend(sys.argv[1], sequences=1, n_ctx=64, n_batch=32, n_threads=1)
+    completion_backend(sys.argv[1], sequences=1, n_ctx=64, n_batch=32, n_threads=1)
 except ModelLoadError as exc:
     assert "could not load" in str(exc) and "seqlease.llama" in str(exc), exc
     assert isinstance(exc.__cause__, ValueError), repr(exc.__cause__)
@@ -713,10 +715,10 @@ def test_nothing_printed_by_default(run_python: Any) -> None:
 import sys
 sys.path.insert(0, sys.argv[1])
 from tiny_model import tiny_model_path
-from seqlease.backends.completion import CompletionBackend
+from helpers import completion_backend
 from seqlease.request.params import sanitize
 from seqlease.request.stream import Generation
-b = CompletionBackend(tiny_model_path(), sequences=1, n_ctx=64, n_batch=32, n_threads=1)
+b = completion_backend(tiny_model_path(), sequences=1, n_ctx=64, n_batch=32, n_threads=1)
 t = b.model.tokenize("hello world")
 g = Generation(lambda ch: b.generate(0, t, sanitize(temperature=0, max_tokens=4), None, ch))
 assert g.result().n_generated == 4
@@ -843,7 +845,7 @@ REAL_PROMPTS = [
 @pytest.fixture(scope="module")
 def real() -> Iterator[tuple[CompletionBackend, llama_cpp.Llama]]:
     path = seqlease.default_model_path()
-    b = CompletionBackend(path, sequences=2, n_ctx=256, n_batch=64, n_threads=1)
+    b = completion_backend(path, sequences=2, n_ctx=256, n_batch=64, n_threads=1)
     direct = llama_cpp.Llama(
         model_path=str(path),
         n_ctx=256,

@@ -298,15 +298,15 @@ except ValueError as exc:
 _SMALL_BATCH_NATIVE = """
 import sys
 sys.path.insert(0, "tests")
-from seqlease.native.context import NativeContext
+from helpers import native_context
 from seqlease.native.library import load_library
 from seqlease.native.memory import resolve_memory_api
 from seqlease.native.model import NativeModel
 from tiny_model import tiny_model_path
 lib = load_library()
 model = NativeModel(lib, tiny_model_path())
-ctx = NativeContext(lib, model, resolve_memory_api(lib)[0], n_seq_max=4, n_ctx_seq=64,
-                    n_ctx_total=256, n_batch=1, n_threads=1, kv_unified=True)
+ctx = native_context(lib, model, resolve_memory_api(lib)[0], n_seq_max=4, n_ctx_seq=64,
+                     n_batch=1, unified=True)
 print("created")
 """
 

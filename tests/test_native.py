@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import seqlease
+from helpers import native_context
 from seqlease.errors import DecodeError, InvalidSequenceError
 from seqlease.native.context import NativeContext
 from seqlease.native.library import LLAMA_LOGGER, load_library
@@ -30,9 +31,10 @@ N_BATCH = 64
 # Builds the same context as the fixtures below, in a child process, and fills sequence 0.
 PRELUDE = f"""
 import ast, sys
+sys.path.insert(0, "tests")
+from helpers import native_context
 from seqlease import InvalidSequenceError
 from seqlease.model_path import default_model_path
-from seqlease.native.context import NativeContext
 from seqlease.native.library import load_library
 from seqlease.native.memory import resolve_memory_api
 from seqlease.native.model import NativeModel
@@ -40,9 +42,9 @@ from seqlease.native.model import NativeModel
 lib = load_library()
 memory, _ = resolve_memory_api(lib)
 model = NativeModel(lib, default_model_path())
-ctx = NativeContext(
-    lib, model, memory, n_seq_max={N_SEQ}, n_ctx_seq={N_CTX_SEQ},
-    n_ctx_total={N_SEQ * N_CTX_SEQ}, n_batch={N_BATCH}, n_threads=1, kv_unified=False,
+ctx = native_context(
+    lib, model, memory, n_seq_max={N_SEQ}, n_ctx_seq={N_CTX_SEQ}, n_batch={N_BATCH},
+    unified=False,
 )
 tokens = model.tokenize("The quick brown fox", add_special=False)
 ctx.decode([(t, i, 0, False) for i, t in enumerate(tokens)])
@@ -74,16 +76,8 @@ def _context(lib: Any, model: NativeModel, memory: MemoryOps) -> NativeContext:
     # seconds when another process is busy on one of the machine's two cores.
     # One stream per sequence (llama.cpp's own default), where cross-sequence copies are
     # whole-stream only: the layout with the most hazards.
-    return NativeContext(
-        lib,
-        model,
-        memory,
-        n_seq_max=N_SEQ,
-        n_ctx_seq=N_CTX_SEQ,
-        n_ctx_total=N_SEQ * N_CTX_SEQ,
-        n_batch=N_BATCH,
-        n_threads=1,
-        kv_unified=False,
+    return native_context(
+        lib, model, memory, n_seq_max=N_SEQ, n_ctx_seq=N_CTX_SEQ, n_batch=N_BATCH, unified=False
     )
 
 
@@ -533,16 +527,14 @@ def layout_ctx(
 ) -> Iterator[NativeContext]:
     memory, _ = resolve_memory_api(lib)
     assert memory is not None
-    native = NativeContext(
+    native = native_context(
         lib,
         model,
         memory,
         n_seq_max=3,
         n_ctx_seq=N_CTX_SEQ,
-        n_ctx_total=3 * N_CTX_SEQ,
         n_batch=N_BATCH,
-        n_threads=1,
-        kv_unified=request.param,
+        unified=request.param,
     )
     yield native
     native.close()

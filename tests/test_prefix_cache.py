@@ -14,11 +14,10 @@ from collections.abc import Iterator
 import pytest
 
 import seqlease
-from helpers import engine, held_tokens, native_pos_max, settle
+from helpers import engine, held_tokens, native_context, native_pos_max, settle
 from seqlease.engine.layout import plan_layout
 from seqlease.engine.ledger import KvLedger, common_prefix
 from seqlease.engine.prefixes import MIN_SHARED, Prefixes
-from seqlease.native.context import NativeContext
 from seqlease.native.library import load_library
 from seqlease.native.memory import resolve_memory_api
 from seqlease.native.model import NativeModel
@@ -340,16 +339,8 @@ def test_with_sharing_off_nobody_waits_for_a_reader() -> None:
     assert memory is not None
     model = NativeModel(lib, tiny_model_path())
     layout = plan_layout(sequences=2, n_ctx_seq=256, cache_tokens=256, unified=False, max_seq=8)
-    native = NativeContext(
-        lib,
-        model,
-        memory,
-        n_seq_max=layout.n_seq_max,
-        n_ctx_seq=256,
-        n_ctx_total=layout.n_ctx_total,
-        n_batch=64,
-        n_threads=1,
-        kv_unified=False,
+    native = native_context(
+        lib, model, memory, n_seq_max=0, n_ctx_seq=256, n_batch=64, unified=False, layout=layout
     )
     try:
         prompt = [10 + i % 50 for i in range(200)]

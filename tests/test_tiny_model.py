@@ -17,6 +17,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
+from helpers import native_context
 from seqlease.native.context import NativeContext
 from seqlease.native.library import load_library
 from seqlease.native.memory import resolve_memory_api
@@ -64,16 +65,8 @@ def native_ctx(native_model: NativeModel) -> Iterator[NativeContext]:
     lib = load_library()
     memory, reasons = resolve_memory_api(lib)
     assert memory is not None, reasons
-    ctx = NativeContext(
-        lib,
-        native_model,
-        memory,
-        n_seq_max=4,
-        n_ctx_seq=256,
-        n_ctx_total=1024,
-        n_batch=64,
-        n_threads=1,
-        kv_unified=True,
+    ctx = native_context(
+        lib, native_model, memory, n_seq_max=4, n_ctx_seq=256, n_batch=64, unified=True
     )
     yield ctx
     ctx.close()

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import weakref
+from collections.abc import Sequence as SequenceOf
 from types import TracebackType
 from typing import Any, Literal
 
@@ -15,23 +16,23 @@ from seqlease.backends.base import Backend, BackendInfo
 from seqlease.backends.completion import CompletionBackend
 from seqlease.backends.session import SessionBackend
 from seqlease.chat.template import USER_TURN_MARKERS
-from seqlease.checks import check_bool, check_int, check_text, check_timeout, describe
+from seqlease.checks import check_int, check_text, check_timeout, describe
 from seqlease.detection import Capabilities, detect
 from seqlease.errors import BackendUnavailableError
 from seqlease.model_path import default_model_path
 from seqlease.native.library import load_library
+from seqlease.native.params import resolve
+from seqlease.options import MAX_SEQUENCES, ContextOptions, ModelOptions, default_threads
 from seqlease.pool import PoolStats, SequencePool, Slot
 from seqlease.pool.origin import caller_origin
 from seqlease.request.params import sanitize
 from seqlease.request.prompt import prompt_text
 from seqlease.sequence import AsyncLease, Lease, Sequence
 
-__all__ = ["MAX_SEQUENCES", "Context"]
+__all__ = ["MAX_SEQUENCES", "Context", "default_threads"]
 
 logger = logging.getLogger("seqlease")
 
-#: Largest pool seqlease accepts (llama.cpp's own LLAMA_MAX_SEQ is 256).
-MAX_SEQUENCES = 256
 _BACKENDS = ("auto", "session", "completion")
 
 
@@ -61,7 +62,18 @@ class Context:
         n_batch: int = 512,
         prefix_cache: bool = True,
         prefix_cache_tokens: int | None = None,
+        n_gpu_layers: int | Literal["auto"] = "auto",
+        main_gpu: int = 0,
+        tensor_split: SequenceOf[float] | None = None,
+        use_mmap: bool = True,
+        use_mlock: bool = False,
+        flash_attn: bool | Literal["auto"] = "auto",
+        type_k: str = "f16",
+        type_v: str = "f16",
         kv_unified: bool | None = None,
+        n_ubatch: int | None = None,
+        n_threads_batch: int | None = None,
+        offload_kqv: bool = True,
     ) -> None:
         """Load the model and create the context.
 
@@ -73,31 +85,22 @@ class Context:
         on what other sequences do); ``True`` puts all sequences in one buffer, where sequences
         holding the same prefix share its memory.
 
+        The llama.cpp options mean what they mean to llama.cpp (see docs "GPU and memory").
+        ``n_gpu_layers="auto"`` offloads every layer where the build supports GPU offload;
+        ``flash_attn="auto"`` turns it on for a quantized ``type_v`` (llama.cpp needs it) or
+        a GPU, and off on the CPU (replies then never depend on how prompts were batched).
+        :attr:`model_options` and :attr:`context_options` show what was chosen.
+
         Raises:
             ValueError: an argument is out of range (the message says the allowed range).
+            TypeError: a switch is not a bool, or ``tensor_split`` not a sequence of numbers.
             ModelLoadError: the model file is missing or not GGUF.
-            BackendUnavailableError: the requested backend cannot run on this binding.
+            BackendUnavailableError: the requested backend cannot run on this binding, or it
+                cannot honour an option asked for (the message names both).
 
         """
-        check_int("sequences", sequences, 1, MAX_SEQUENCES)
-        check_int("n_ctx", n_ctx, 8, 1 << 20)
-        check_int("n_batch", n_batch, 1, 1 << 16)
-        if n_batch < sequences:
-            # llama.cpp sizes its output buffer by n_batch and aborts the process
-            # (GGML_ASSERT n_outputs_max) when a step has one output per sequence more.
-            raise ValueError(
-                f"n_batch must be >= sequences: a step decodes one token of every sequence, "
-                f"so n_batch={n_batch} cannot serve sequences={sequences}; raise n_batch"
-            )
-        if n_threads is not None:
-            check_int("n_threads", n_threads, 1, 1024)
         if max_waiting is not None:
             check_int("max_waiting", max_waiting, 0, 1 << 30)
-        check_bool("prefix_cache", prefix_cache)
-        if prefix_cache_tokens is not None:
-            check_int("prefix_cache_tokens", prefix_cache_tokens, 0, 1 << 24)
-        if kv_unified is not None:
-            check_bool("kv_unified", kv_unified)
         if not isinstance(backend, str) or backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, not {describe(backend)}")
         if model_path is not None and not isinstance(model_path, (str, os.PathLike)):
@@ -106,33 +109,49 @@ class Context:
             )
         if isinstance(model_path, str):
             check_text("model_path", model_path)
+        model = ModelOptions(
+            n_gpu_layers=n_gpu_layers,
+            main_gpu=main_gpu,
+            tensor_split=tensor_split,  # type: ignore[arg-type]  # checked, made a tuple
+            use_mmap=use_mmap,
+            use_mlock=use_mlock,
+        )
+        context = ContextOptions(
+            sequences=sequences,
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            n_ubatch=n_ubatch,
+            n_threads=n_threads,
+            n_threads_batch=n_threads_batch,
+            flash_attn=flash_attn,
+            type_k=type_k,
+            type_v=type_v,
+            kv_unified=kv_unified,
+            offload_kqv=offload_kqv,
+            prefix_cache=prefix_cache,
+            prefix_cache_tokens=prefix_cache_tokens,
+        )
         self.capabilities: Capabilities = detect()
         chosen = self._choose_backend(backend)
         self.model_path = os.fspath(model_path if model_path is not None else default_model_path())
-        options = {
-            "sequences": sequences,
-            "n_ctx": n_ctx,
-            "n_batch": n_batch,
-            "n_threads": n_threads or default_threads(),
-        }
+        lib = load_library()
+        #: How llama.cpp loads the weights, every "auto" settled for this build.
+        self.model_options, context = resolve(lib, model, context)
+        #: The llama.cpp context as created, every "auto" and ``None`` settled.
+        self.context_options = context
         self._backend: Backend = (
-            SessionBackend(
-                load_library(),
-                self.model_path,
-                **options,
-                prefix_cache=prefix_cache,
-                prefix_cache_tokens=n_ctx if prefix_cache_tokens is None else prefix_cache_tokens,
-                kv_unified=kv_unified,
-            )
+            SessionBackend(lib, self.model_path, self.model_options, context)
             if chosen == "session"
-            else CompletionBackend(self.model_path, **options)
+            else CompletionBackend(self.model_path, self.model_options, context)
         )
         logger.info(
-            "context ready: %s backend, %d sequences x %d tokens, model %s",
+            "context ready: %s backend, %d sequences x %d tokens, model %s, %s, %s",
             chosen,
             sequences,
             n_ctx,
             self.model_path,
+            self.model_options,
+            context,
         )
         self.sequences = sequences
         self.n_ctx = n_ctx
@@ -147,6 +166,14 @@ class Context:
         # A Context dropped without close(): free native memory once nothing refers to it
         # (every live lease holds a reference, so no lease can be out by then).
         self._finalizer = weakref.finalize(self, self._backend.close)
+
+    @property
+    def kv_cache_bytes(self) -> int | None:
+        """Bytes of KV cache llama.cpp allocated for this context (``None``: model shape unknown).
+
+        All sequences' memory and the prefix cache's, by the formula in docs "GPU and memory".
+        """
+        return self._backend.kv_cache_bytes
 
     def _choose_backend(self, requested: str) -> str:
         """Pick the backend by feature detection; a forced one must be supported."""
@@ -280,11 +307,3 @@ class Context:
             f"<seqlease.Context {state} {self.backend.name} sequences={s.size} "
             f"leased={s.leased} waiting={s.waiting}>"
         )
-
-
-def default_threads() -> int:
-    """llama.cpp threads of a :class:`Context` built with ``n_threads=None``."""
-    # Half the logical cores, as llama-cpp-python does: llama.cpp's OpenMP workers spin while
-    # waiting, and on a small machine they fight the engine thread and the callers for cores
-    # (measured on 2 cores: a 48-token reply took 0.9 s with 1 thread, 6.7 s with 2).
-    return max(1, min(8, (os.cpu_count() or 2) // 2))

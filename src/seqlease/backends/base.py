@@ -52,6 +52,8 @@ class Backend(Protocol):
     name: str
     #: Tokens one sequence holds: prompt and reply together.
     n_ctx: int
+    #: Bytes of the KV cache llama.cpp allocated (``None`` for a model of unknown shape).
+    kv_cache_bytes: int | None
 
     @property
     def model(self) -> ModelInfo:

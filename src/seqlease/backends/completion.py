@@ -34,6 +34,8 @@ from seqlease.errors import (
 from seqlease.model_path import check_model_file
 from seqlease.native.library import load_library
 from seqlease.native.model import NativeModel
+from seqlease.native.params import check_kv_shape, kv_cache_bytes, llama_kwargs
+from seqlease.options import ContextOptions, ModelOptions, is_quantized
 from seqlease.request.job import FinishReason, Job
 
 if TYPE_CHECKING:
@@ -60,20 +62,19 @@ class CompletionBackend(JobWorker):
     def __init__(
         self,
         model_path: str | os.PathLike[str],
-        *,
-        sequences: int,
-        n_ctx: int,
-        n_batch: int,
-        n_threads: int,
+        model: ModelOptions,
+        context: ContextOptions,
     ) -> None:
         """Load the model into a ``Llama`` of ``n_ctx`` tokens and start the worker thread.
 
-        ``sequences`` is the size of the pool in front of this backend: any number of leases
-        share the one ``Llama``, so it only bounds the ids :meth:`generate` accepts. ``n_ctx``
-        bounds prompt plus reply (``Llama`` may round its own context up).
+        Both option objects come resolved (:func:`seqlease.native.params.resolve`).
+        ``context.sequences`` is the size of the pool in front of this backend: any number of
+        leases share the one ``Llama``, so it only bounds the ids :meth:`generate` accepts.
+        ``n_ctx`` bounds prompt plus reply (``Llama`` may round its own context up).
 
         Raises:
             ModelLoadError: the file is missing, not GGUF, or llama.cpp cannot load it.
+            BackendUnavailableError: ``Llama`` takes no keyword for an option asked for.
 
         """
         path = check_model_file(model_path)
@@ -82,18 +83,23 @@ class CompletionBackend(JobWorker):
         lib = load_library()
         import llama_cpp
 
+        kwargs = llama_kwargs(llama_cpp.Llama, model, context)
+        if is_quantized(context.type_k) or is_quantized(context.type_v):
+            # Llama loads the model and makes the context in one call; a quantized type that
+            # does not fit the heads must be refused before (older llama.cpp aborts on it).
+            probe = NativeModel(lib, path, vocab_only=True)
+            try:
+                check_kv_shape(probe.kv_shape(), context)
+            finally:
+                probe.close()
         try:
             # verbose=False: Llama prints its system info and metadata to stderr otherwise.
             # It also silences file descriptors 1 and 2 of the whole process while it loads.
             llama = llama_cpp.Llama(
                 model_path=os.fspath(path),
-                n_ctx=n_ctx,
-                n_batch=n_batch,
-                n_threads=n_threads,
-                n_threads_batch=n_threads,
-                n_gpu_layers=0,
                 seed=random.getrandbits(32),  # every generation sets its own seed anyway
                 verbose=False,
+                **kwargs,
             )
         except (ValueError, RuntimeError) as exc:
             raise ModelLoadError(
@@ -101,7 +107,7 @@ class CompletionBackend(JobWorker):
                 "is damaged, too large for memory, or uses an architecture this "
                 f"llama-cpp-python build does not know (see logger 'seqlease.llama'): {exc}"
             ) from exc
-        super().__init__("seqlease-completion", sequences=sequences, n_ctx=n_ctx)
+        super().__init__("seqlease-completion", sequences=context.sequences, n_ctx=context.n_ctx)
         #: The ``llama_cpp.Llama``; not thread-safe: touch it only while holding the guard.
         self.llama: Llama = llama
         try:
@@ -112,6 +118,15 @@ class CompletionBackend(JobWorker):
         # Partial KV removal fails on recurrent and hybrid models: Llama then evaluates the
         # whole prompt again, and n_evaluated must say so.
         self._partial_rm = not self.model.is_recurrent()
+        shape = self.model.kv_shape()
+        #: Bytes of the KV cache llama.cpp allocated (``None`` for a model of unknown shape).
+        self.kv_cache_bytes = (
+            None
+            if shape is None
+            else kv_cache_bytes(
+                shape, int(lib.llama_n_ctx(llama.ctx)), context.type_k, context.type_v
+            )
+        )
         #: Jobs the worker has taken from the queue and ended (any way), for tests and stats.
         self.completed = 0
         self._hits = 0

@@ -13,7 +13,9 @@ from seqlease.errors import BackendUnavailableError
 from seqlease.native.context import NativeContext
 from seqlease.native.memory import resolve_memory_api
 from seqlease.native.model import NativeModel
-from seqlease.native.names import context_fields, max_sequences
+from seqlease.native.names import max_sequences
+from seqlease.native.params import kv_cache_bytes
+from seqlease.options import ContextOptions, ModelOptions
 from seqlease.request.job import Channel, Job
 from seqlease.request.params import SamplingParams
 
@@ -29,53 +31,40 @@ class SessionBackend:
         self,
         lib: ModuleType,
         model_path: str | os.PathLike[str],
-        *,
-        sequences: int,
-        n_ctx: int,
-        n_batch: int,
-        n_threads: int,
-        prefix_cache: bool = True,
-        prefix_cache_tokens: int = 0,
-        kv_unified: bool | None = None,
+        model: ModelOptions,
+        context: ContextOptions,
     ) -> None:
         """Load the model and create the context (the model is freed again if that fails).
 
-        ``prefix_cache=False`` turns prefix sharing off; ``prefix_cache_tokens`` is the
-        cache's budget on top of the leases' memory. ``kv_unified=None``: one KV stream per
-        sequence where the binding offers it (0.3.15+), else the one buffer older ones have.
+        Both option objects come resolved (:func:`seqlease.native.params.resolve`).
         """
         memory, reasons = resolve_memory_api(lib)
         if memory is None:
             raise BackendUnavailableError("; ".join(reasons))
-        if kv_unified is None:
-            kv_unified = "kv_unified" not in context_fields(lib)
         layout = plan_layout(
-            sequences=sequences,
-            n_ctx_seq=n_ctx,
-            cache_tokens=prefix_cache_tokens if prefix_cache else 0,
-            unified=kv_unified,
+            sequences=context.sequences,
+            n_ctx_seq=context.n_ctx,
+            cache_tokens=context.cache_tokens,
+            unified=bool(context.kv_unified),
             max_seq=max_sequences(lib),
         )
-        self.model = NativeModel(lib, model_path)
+        self.model = NativeModel(lib, model_path, model)
         try:
-            native = NativeContext(
-                lib,
-                self.model,
-                memory,
-                n_seq_max=layout.n_seq_max,
-                n_ctx_seq=n_ctx,
-                n_ctx_total=layout.n_ctx_total,
-                n_batch=n_batch,
-                n_threads=n_threads,
-                kv_unified=kv_unified,
-            )
+            native = NativeContext(lib, self.model, memory, context, layout)
         except BaseException:
             self.model.close()
             raise
         self.n_ctx = native.n_ctx_seq
         #: How the KV memory is split between leases and the prefix cache.
         self.layout = layout
-        self.engine = Engine(lib, native, layout, share_prefixes=prefix_cache)
+        shape = self.model.kv_shape()
+        #: Bytes of the KV cache llama.cpp allocated (``None`` for a model of unknown shape).
+        self.kv_cache_bytes = (
+            None
+            if shape is None
+            else kv_cache_bytes(shape, native.n_cells, context.type_k, context.type_v)
+        )
+        self.engine = Engine(lib, native, layout, share_prefixes=context.prefix_cache)
 
     def generate(
         self,

@@ -10,17 +10,18 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+from seqlease.engine.layout import KvLayout
 from seqlease.errors import (
-    BackendUnavailableError,
     DecodeError,
     InvalidSequenceError,
     NativeError,
     SeqleaseError,
 )
-from seqlease.native.library import binding_version
 from seqlease.native.memory import MemoryOps
 from seqlease.native.model import NativeModel
-from seqlease.native.names import bound, context_fields, set_flash_attention
+from seqlease.native.names import bound
+from seqlease.native.params import check_kv_shape, context_params
+from seqlease.options import ContextOptions
 
 __all__ = ["BatchEntry", "NativeContext"]
 
@@ -45,44 +46,22 @@ class NativeContext:
         lib: ModuleType,
         model: NativeModel,
         memory: MemoryOps,
-        *,
-        n_seq_max: int,
-        n_ctx_seq: int,
-        n_ctx_total: int,
-        n_batch: int,
-        n_threads: int,
-        kv_unified: bool,
+        options: ContextOptions,
+        layout: KvLayout,
     ) -> None:
-        """Create the context. Raises :class:`NativeError` when llama.cpp refuses.
+        """Create the context for resolved ``options`` with the sequences of ``layout``.
 
-        ``kv_unified=False`` asks for one KV stream per sequence; a binding without the
-        option (before 0.3.15) has one buffer for all and raises
-        :class:`BackendUnavailableError`.
+        Raises:
+            ValueError: the KV cache type cannot hold this model's attention heads.
+            NativeError: llama.cpp refuses to create the context.
+
         """
         self._lib = lib
         self.model = model
         self.memory = memory
-        params = lib.llama_context_default_params()
-        splittable = "kv_unified" in context_fields(lib)
-        if not kv_unified and not splittable:
-            raise BackendUnavailableError(
-                f"kv_unified=False needs llama-cpp-python 0.3.15 or newer (installed: "
-                f"{binding_version()}): older releases have one KV buffer for all sequences; "
-                "leave kv_unified=None"
-            )
-        if splittable:
-            params.kv_unified = kv_unified
-        # Off (llama.cpp's "auto" turns it on for the CPU): the CPU flash-attention kernel
-        # rounds differently for different batch sizes, so a prompt's reply would depend on
-        # how its evaluation was chunked: alone or beside others, fresh or from a copied
-        # prefix. Without it, greedy replies are the same every way; no slower here.
-        set_flash_attention(lib, params, False)
-        params.n_ctx = n_ctx_total
-        params.n_batch = n_batch
-        params.n_ubatch = n_batch
-        params.n_seq_max = n_seq_max
-        params.n_threads = n_threads
-        params.n_threads_batch = n_threads
+        check_kv_shape(model.kv_shape(), options)
+        params = context_params(lib, options, layout)
+        n_seq_max, n_ctx_total = layout.n_seq_max, layout.n_ctx_total
         create = bound(lib, "create a context")
         ptr = create(model.ptr, params)
         if not ptr:
@@ -95,10 +74,12 @@ class NativeContext:
         self.n_seq_max = n_seq_max
         # With kv_unified=False each sequence has its own stream, and llama.cpp aborts on a
         # partial seq_cp between two streams (GGML_ASSERT "only supported for full KV buffers").
-        self.kv_unified = kv_unified
+        self.kv_unified = layout.unified
         self.n_batch = int(lib.llama_n_batch(ptr))
+        #: KV cells llama.cpp made: what was asked, rounded up (to 256 per stream).
+        self.n_cells = int(lib.llama_n_ctx(ptr))
         # Our own budget: llama.cpp may round each stream up (to 256 cells), never down.
-        self.n_ctx_seq = n_ctx_seq
+        self.n_ctx_seq = layout.n_ctx_seq
         self._batch = lib.llama_batch_init(self.n_batch, 0, n_seq_max)
         # The kv_cache family has no seq_pos_max: track the highest position ourselves.
         self._tracked_pos_max = [-1] * n_seq_max

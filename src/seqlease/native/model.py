@@ -12,6 +12,8 @@ from typing import Any
 from seqlease.errors import ContextClosedError, ModelLoadError
 from seqlease.model_path import check_model_file
 from seqlease.native.names import bound
+from seqlease.native.params import KvShape, model_params
+from seqlease.options import ModelOptions
 
 __all__ = ["NativeModel"]
 
@@ -23,18 +25,28 @@ class NativeModel:
     into :meth:`close`, which frees (or, when borrowed, forgets) the model.
     """
 
-    def __init__(self, lib: ModuleType, path: str | os.PathLike[str]) -> None:
-        """Load the model at ``path`` on the CPU.
+    def __init__(
+        self,
+        lib: ModuleType,
+        path: str | os.PathLike[str],
+        options: ModelOptions = ModelOptions(n_gpu_layers=0),  # noqa: B008 (frozen)
+        *,
+        vocab_only: bool = False,
+    ) -> None:
+        """Load the model at ``path`` as resolved ``options`` say (default: on the CPU).
+
+        ``vocab_only=True`` reads the metadata and vocabulary, not the weights.
 
         Raises:
             ModelLoadError: the file is missing, a directory, not GGUF, or llama.cpp rejects it.
 
         """
         checked = check_model_file(path)
-        params = lib.llama_model_default_params()
-        params.n_gpu_layers = 0
+        params, keep = model_params(lib, options)
+        params.vocab_only = vocab_only
         load = bound(lib, "load a model")
         ptr = load(os.fsencode(checked), params)
+        del keep  # llama.cpp has read the tensor split by now
         if not ptr:
             raise ModelLoadError(
                 f"llama.cpp could not load {str(checked)!r}: the GGUF file is damaged or uses "
@@ -149,6 +161,23 @@ class NativeModel:
             if n < size:
                 return buf.value.decode("utf-8", errors="replace")
             size = n + 1
+
+    def kv_shape(self) -> KvShape | None:
+        """What one KV cell holds per layer, from the GGUF metadata; ``None`` when unknown.
+
+        Models whose head counts vary by layer (stored as arrays) give ``None``.
+        """
+        arch = self.meta("general.architecture")
+        try:
+            n_layer = int(self.meta(f"{arch}.block_count") or "")
+            n_embd = int(self.meta(f"{arch}.embedding_length") or "")
+            n_head = int(self.meta(f"{arch}.attention.head_count") or "")
+            n_head_kv = int(self.meta(f"{arch}.attention.head_count_kv") or n_head)
+            head_k = int(self.meta(f"{arch}.attention.key_length") or n_embd // n_head)
+            head_v = int(self.meta(f"{arch}.attention.value_length") or n_embd // n_head)
+        except (ValueError, ZeroDivisionError):
+            return None
+        return KvShape(n_layer, head_k, head_v, n_head_kv)
 
     def chat_template(self) -> str | None:
         """The model's ``tokenizer.chat_template``, or ``None`` when it has none."""

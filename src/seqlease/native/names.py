@@ -15,9 +15,12 @@ __all__ = [
     "SESSION_NEEDS",
     "bound",
     "context_fields",
+    "flash_attention_field",
     "max_sequences",
     "missing",
+    "model_fields",
     "set_flash_attention",
+    "set_load_mode",
 ]
 
 #: Each purpose, and the names it went by (newest first).
@@ -70,14 +73,23 @@ def missing(lib: Any, purposes: tuple[str, ...]) -> list[str]:
     ]
 
 
+def _fields(lib: Any, struct: str) -> frozenset[str]:
+    params = getattr(lib, struct, None)
+    return frozenset(name for name, *_ in getattr(params, "_fields_", ()))
+
+
 def context_fields(lib: Any) -> frozenset[str]:
     """The fields of ``llama_context_params`` in this binding (they drift like the names).
 
     ``n_seq_max`` came with multi-sequence contexts; ``kv_unified`` (0.3.15) with one KV stream
     per sequence: bindings before it have a single cache that every sequence shares.
     """
-    params = getattr(lib, "llama_context_params", None)
-    return frozenset(name for name, *_ in getattr(params, "_fields_", ()))
+    return _fields(lib, "llama_context_params")
+
+
+def model_fields(lib: Any) -> frozenset[str]:
+    """The fields of ``llama_model_params`` in this binding."""
+    return _fields(lib, "llama_model_params")
 
 
 def max_sequences(lib: Any) -> int:
@@ -89,13 +101,35 @@ def max_sequences(lib: Any) -> int:
     return int(fn()) if fn is not None else 64
 
 
-def set_flash_attention(lib: Any, params: Any, on: bool) -> None:
-    """Switch flash attention in ``params`` under its field of this binding.
+def flash_attention_field(lib: Any) -> str | None:
+    """The context field that switches flash attention, ``None`` when the binding has none.
 
-    ``flash_attn_type`` (-1 auto, 0 off, 1 on; newer) replaced the boolean ``flash_attn``.
+    ``flash_attn_type`` (-1 auto, 0 off, 1 on; 0.3.17+) replaced the boolean ``flash_attn``.
     """
     fields = context_fields(lib)
-    if "flash_attn_type" in fields:
+    return next((f for f in ("flash_attn_type", "flash_attn") if f in fields), None)
+
+
+def set_flash_attention(lib: Any, params: Any, on: bool) -> None:
+    """Switch flash attention in ``params`` under its field of this binding."""
+    field = flash_attention_field(lib)
+    if field == "flash_attn_type":
         params.flash_attn_type = 1 if on else 0
-    elif "flash_attn" in fields:
+    elif field == "flash_attn":
         params.flash_attn = on
+
+
+#: ``llama_load_mode`` values (0.3.36): the two booleans below, as one enum.
+_LOAD_MODES = {(False, False): 0, (True, False): 1, (False, True): 2, (True, True): 3}
+
+
+def set_load_mode(lib: Any, params: Any, *, mmap: bool, mlock: bool) -> None:
+    """Set memory-mapping and locking of the weights under this binding's field(s).
+
+    Newer bindings replaced the booleans ``use_mmap`` / ``use_mlock`` by one ``load_mode``.
+    """
+    if "load_mode" in model_fields(lib):
+        params.load_mode = _LOAD_MODES[mmap, mlock]
+    else:
+        params.use_mmap = mmap
+        params.use_mlock = mlock
