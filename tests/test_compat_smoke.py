@@ -188,6 +188,93 @@ def test_kv_unified_false_needs_a_binding_that_has_it() -> None:
             assert ctx._backend.layout.unified is False  # type: ignore[attr-defined]
         return
     with pytest.raises(
-        seqlease.BackendUnavailableError, match=r"kv_unified=False needs .*0\.3\.15"
+        seqlease.BackendUnavailableError,
+        match=rf"^kv_unified=False cannot be honoured by llama-cpp-python {version}: .*0\.3\.15",
     ):
         seqlease.Context(sequences=2, n_ctx=256, n_threads=1, kv_unified=False)
+
+
+KV_LINE = re.compile(r"K \((\w+)\):\s*([\d.]+) MiB, V \((\w+)\):\s*([\d.]+) MiB")
+
+
+def native_ptr(ctx: seqlease.Context) -> Any:
+    """The ``llama_context *`` behind a Context, whichever backend it runs on."""
+    if ctx.backend.name == "session":
+        return session_engine(ctx)._native.ptr
+    return ctx._backend.llama.ctx  # type: ignore[attr-defined]
+
+
+def test_options_read_back_from_llama_cpp(caplog: pytest.LogCaptureFixture) -> None:
+    """Batches, threads and a quantized KV cache (with the flash attention it needs) reach
+    llama.cpp on every release, under whichever field names it has; where the backend cannot
+    take an option, asking for it is refused with the option and the version."""
+    import inspect
+
+    import llama_cpp
+
+    lib = load_library()
+    version = metadata.version("llama-cpp-python")
+    options: dict[str, Any] = {
+        "sequences": 1,
+        "n_ctx": 256,
+        "n_batch": 64,
+        "n_ubatch": 32,
+        "n_threads": 1,
+        "n_threads_batch": 2,
+        "type_k": "q8_0",
+        "type_v": "q8_0",
+    }
+    llama_takes = inspect.signature(llama_cpp.Llama.__init__).parameters
+    if seqlease.detect().backend == "completion" and "n_ubatch" not in llama_takes:
+        with pytest.raises(
+            seqlease.BackendUnavailableError,
+            match=rf"^n_ubatch=32 cannot be honoured by llama-cpp-python {version}: ",
+        ):
+            seqlease.Context(**options)
+        del options["n_ubatch"]
+    with caplog.at_level(logging.INFO, logger="seqlease.llama"), seqlease.Context(**options) as ctx:
+        ptr = native_ptr(ctx)
+        assert lib.llama_n_batch(ptr) == 64
+        if "n_ubatch" in options:
+            assert lib.llama_n_ubatch(ptr) == 32
+        assert (lib.llama_n_threads(ptr), lib.llama_n_threads_batch(ptr)) == (1, 2)
+        assert ctx.context_options.flash_attn is True  # llama.cpp needs it for a q8_0 V cache
+        assert ctx.complete(PROMPT, max_tokens=TOKENS, temperature=0).strip()
+        size = ctx.kv_cache_bytes
+    reported = [m for r in caplog.records if (m := KV_LINE.search(r.getMessage()))]
+    assert len(reported) == 1, [r.getMessage() for r in caplog.records][-30:]
+    k_type, k_mib, v_type, v_mib = reported[0].groups()
+    assert (k_type, v_type) == ("q8_0", "q8_0")
+    assert size is not None
+    assert size / 2**20 == pytest.approx(float(k_mib) + float(v_mib), abs=0.01)
+
+
+def test_use_mmap_reads_back_from_the_process_maps(tmp_path: Any) -> None:
+    """``use_mmap`` (a field until 0.3.36 made it part of ``load_mode``) reaches llama.cpp."""
+    import shutil
+
+    model = shutil.copy(seqlease.default_model_path(), tmp_path / "copy.gguf")
+
+    def mapped() -> bool:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            return any(line.rstrip().endswith(str(model)) for line in maps)
+
+    for use_mmap in (True, False):
+        with seqlease.Context(model, sequences=1, n_ctx=256, n_threads=1, use_mmap=use_mmap):
+            assert mapped() is use_mmap
+
+
+def test_gpu_offload_is_reported_and_refused_on_a_cpu_build() -> None:
+    lib = load_library()
+    caps = seqlease.detect()
+    assert caps.gpu_offload is bool(lib.llama_supports_gpu_offload())
+    if caps.gpu_offload:
+        pytest.skip("a GPU build: n_gpu_layers can be honoured here")
+    version = metadata.version("llama-cpp-python")
+    with pytest.raises(
+        seqlease.BackendUnavailableError,
+        match=rf"^n_gpu_layers=8 cannot be honoured by llama-cpp-python {version}: ",
+    ):
+        seqlease.Context(sequences=1, n_ctx=256, n_threads=1, n_gpu_layers=8)
+    with seqlease.Context(sequences=1, n_ctx=256, n_threads=1) as ctx:
+        assert ctx.model_options.n_gpu_layers == 0

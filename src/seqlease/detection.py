@@ -6,13 +6,16 @@ decision here is made with ``hasattr`` on the installed module instead.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from seqlease.native import names
+from seqlease.native.devices import list_devices
 from seqlease.native.library import binding_version, load_library
 from seqlease.native.memory import MemoryApiName, resolve_memory_api
+from seqlease.native.params import unhonoured
 
 __all__ = ["BackendName", "Capabilities", "detect", "detect_from"]
 
@@ -39,6 +42,12 @@ class Capabilities:
     native_pos_max: bool
     #: llama.cpp's build and CPU feature line, when available.
     system_info: str | None = None
+    #: Whether the build can offload layers to a GPU (``llama_supports_gpu_offload``).
+    gpu_offload: bool = False
+    #: The devices llama.cpp sees (``"CPU (CPU: AMD EPYC)"``, ...); empty when it cannot say.
+    devices: tuple[str, ...] = ()
+    #: Options this binding cannot honour, ``"option: why"``: asking for them raises.
+    unhonoured: tuple[str, ...] = ()
 
 
 def detect_from(lib: Any, llama_class: Any, version: str | None) -> Capabilities:
@@ -88,6 +97,10 @@ def detect_from(lib: Any, llama_class: Any, version: str | None) -> Capabilities
     if info_fn is not None:
         raw = info_fn()
         system_info = raw.decode("utf-8", "replace").strip() if isinstance(raw, bytes) else None
+    refused = unhonoured(lib)
+    by_reason: dict[str, list[str]] = {}
+    for option, why in refused.items():
+        by_reason.setdefault(why, []).append(option)
     return Capabilities(
         binding_version=version,
         memory_api=memory.name if memory else None,
@@ -97,6 +110,8 @@ def detect_from(lib: Any, llama_class: Any, version: str | None) -> Capabilities
         completion=completion,
         native_pos_max=memory is not None and memory.seq_pos_max is not None,
         system_info=system_info,
+        gpu_offload="n_gpu_layers" not in refused,
+        unhonoured=tuple(f"{', '.join(options)}: {why}" for why, options in by_reason.items()),
     )
 
 
@@ -119,4 +134,5 @@ def detect() -> Capabilities:
         )
     import llama_cpp
 
-    return detect_from(lib, getattr(llama_cpp, "Llama", None), version)
+    caps = detect_from(lib, getattr(llama_cpp, "Llama", None), version)
+    return dataclasses.replace(caps, devices=tuple(map(str, list_devices() or ())))

@@ -155,6 +155,9 @@ def diagnose(*, model: str | os.PathLike[str] | None = None, load: bool = False)
         report.add("completion backend", "available" if caps.completion else "unavailable")
         report.add("backend", caps.backend or "none")
         report.add("reasons", list(caps.reasons))
+        report.add("GPU offload", "supported" if caps.gpu_offload else "no (a CPU-only build)")
+        report.add("devices", list(caps.devices) or ["unknown (this build cannot list them)"])
+        report.add("options refused", list(caps.unhonoured) or ["none"])
         _threads(report, caps.system_info or "")
         if caps.backend is None:
             report.problems.append("no backend can run on this llama-cpp-python")
@@ -187,7 +190,7 @@ def diagnose(*, model: str | os.PathLike[str] | None = None, load: bool = False)
 
 
 def _threads(report: Report, system_info: str) -> None:
-    from seqlease.context import default_threads
+    from seqlease.options import default_threads
 
     report.add("threads", f"{default_threads()} by default (Context(n_threads=...))")
     if "OPENMP = 1" in system_info:

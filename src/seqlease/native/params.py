@@ -272,7 +272,10 @@ def llama_kwargs(llama_class: Any, model: ModelOptions, context: ContextOptions)
         "n_batch": (context.n_batch, True),
         "n_ubatch": (context.n_ubatch, context.n_ubatch not in (None, context.n_batch)),
         "n_threads": (context.n_threads, True),
-        "n_threads_batch": (context.n_threads_batch, True),
+        "n_threads_batch": (
+            context.n_threads_batch,
+            context.n_threads_batch != context.n_threads,
+        ),
         "flash_attn": (context.flash_attn, context.flash_attn is True),
         "type_k": (KV_TYPES[context.type_k].ggml_id, context.type_k != "f16"),
         "type_v": (KV_TYPES[context.type_v].ggml_id, context.type_v != "f16"),
