@@ -28,6 +28,7 @@ from seqlease.errors import (
     TooManyWaiters,
 )
 from seqlease.model_path import default_model_path
+from seqlease.options import ContextOptions, ModelOptions
 from seqlease.pool import Holder, PoolStats
 from seqlease.request.job import Result
 from seqlease.request.params import SamplingParams, sanitize
@@ -45,6 +46,7 @@ __all__ = [
     "ChatSession",
     "Context",
     "ContextClosedError",
+    "ContextOptions",
     "ContextOverflowError",
     "DecodeError",
     "EmptyPromptError",
@@ -55,6 +57,7 @@ __all__ = [
     "LeaseLeakWarning",
     "MissingSequenceError",
     "ModelLoadError",
+    "ModelOptions",
     "NativeError",
     "PoolExhausted",
     "PoolStats",

@@ -63,10 +63,15 @@ class ModelOptions:
     ``tensor_split`` choose GPUs as llama.cpp's ``--main-gpu`` / ``--tensor-split`` do.
     """
 
+    #: Layers on the GPU: ``"auto"``, an int, or ``-1`` for all (resolved: an int).
     n_gpu_layers: int | Literal["auto"] = "auto"
+    #: The GPU for the whole model when it is not split across GPUs.
     main_gpu: int = 0
+    #: Shares of the model per GPU (``(3, 1)``: three quarters on GPU 0); ``None``: llama.cpp's.
     tensor_split: tuple[float, ...] | None = None
+    #: Map the model file instead of reading it into memory.
     use_mmap: bool = True
+    #: Lock the model in RAM so that it is never swapped out.
     use_mlock: bool = False
 
     def __post_init__(self) -> None:
@@ -100,18 +105,31 @@ class ContextOptions:
     makes it, and ``Context.context_options`` shows what it chose).
     """
 
+    #: Sequences that can be leased at once.
     sequences: int = 2
+    #: Tokens each sequence holds: prompt and reply together.
     n_ctx: int = 2048
+    #: Most tokens one decode step takes (the logical batch).
     n_batch: int = 512
+    #: Tokens per compute pass (the physical batch); ``None``: ``n_batch``.
     n_ubatch: int | None = None
+    #: llama.cpp threads for generation; ``None``: :func:`default_threads`.
     n_threads: int | None = None
+    #: llama.cpp threads for prompt evaluation; ``None``: ``n_threads``.
     n_threads_batch: int | None = None
+    #: Flash attention: ``"auto"``, ``True`` or ``False`` (resolved: a bool).
     flash_attn: bool | Literal["auto"] = "auto"
+    #: KV cache type of the keys, one of :data:`KV_TYPE_NAMES`.
     type_k: str = "f16"
+    #: KV cache type of the values; a quantized one needs flash attention.
     type_v: str = "f16"
+    #: One KV buffer for all sequences (``True``) or a stream each; ``None``: seqlease decides.
     kv_unified: bool | None = None
+    #: Keep the KV cache on the GPU beside the offloaded layers.
     offload_kqv: bool = True
+    #: Share prompt prefixes between sequences and keep them in a cache.
     prefix_cache: bool = True
+    #: KV cells the prefix cache may use on top of the leases'; ``None``: ``n_ctx``.
     prefix_cache_tokens: int | None = None
 
     def __post_init__(self) -> None:
