@@ -225,6 +225,22 @@ def test_doctor_in_process(capsys: pytest.CaptureFixture[str]) -> None:
     for reason in detect().reasons:
         assert reason in out
     assert re.search(r"^threads +\d+ by default", out, re.M)
+    # This machine's build: no GPU offload, one CPU device, and the GPU options refused.
+    assert re.search(r"^GPU offload +no \(a CPU-only build\)$", out, re.M)
+    assert re.search(r"^devices +CPU \(CPU: ", out, re.M)
+    assert re.search(r"^options refused +n_gpu_layers, main_gpu, tensor_split: ", out, re.M)
+
+
+def test_gpu_offload_and_refusals_come_from_the_binding() -> None:
+    lib = fb.binding_newest()
+    caps = detect_from(lib, fb.FakeLlama, "0.3.36")
+    assert caps.gpu_offload is False  # the fake's llama_supports_gpu_offload says nothing
+    assert caps.unhonoured[0].startswith("n_gpu_layers, main_gpu, tensor_split: ")
+    lib.llama_supports_gpu_offload = lambda: True
+    assert detect_from(lib, fb.FakeLlama, "0.3.36").gpu_offload is True
+    old = detect_from(fb.binding_0_3_9(), fb.FakeLlama, "0.3.9")
+    assert any(line.startswith("kv_unified: ") for line in old.unhonoured), old.unhonoured
+    assert detect().devices and detect().devices[0].startswith("CPU")
 
 
 @pytest.mark.parametrize(("policy", "hint"), [(None, True), ("active", True), ("passive", False)])
