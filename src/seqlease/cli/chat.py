@@ -6,7 +6,10 @@ back) and starts a new conversation on a fresh lease; ``/stats`` shows the pool 
 reply's numbers; ``/quit``, end of input (Ctrl-D) or Ctrl-C at the prompt exit, releasing the
 lease. Ctrl-C while a reply streams stops that reply only.
 
-Input is read from stdin line by line, so the command also runs with piped input.
+Input is read from stdin line by line, so the command also runs with piped input. The llama.cpp
+options (``--n-ctx``, ``--n-gpu-layers``, ``--flash-attn``, ``--cache-type-k/v``...) reach
+llama.cpp as given; the dim ``llama.cpp:`` line at the start shows what it was given once every
+"auto" is settled.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from seqlease.cli.common import (
     Style,
     add_context_options,
     color_enabled,
+    describe_llama,
     open_context,
     positive_int,
 )
@@ -67,7 +71,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         metavar="T",
         help="sampling temperature, 0 for greedy (default: 0.6)",
     )
-    add_context_options(parser)
+    add_context_options(parser, sequences=1, sequences_help="a conversation uses one")
     parser.set_defaults(handler=_handle)
 
 
@@ -238,7 +242,7 @@ def _handle(args: argparse.Namespace) -> int:
         # Model text can hold characters the terminal's encoding lacks: never crash on them.
         out.reconfigure(errors="replace")
     style = Style(color_enabled(out, no_color=args.no_color))
-    ctx = open_context(args, sequences=1, style=style, out=out)
+    ctx = open_context(args, style=style, out=out)
     if ctx is None:
         return 1
     try:
@@ -246,6 +250,7 @@ def _handle(args: argparse.Namespace) -> int:
             print(
                 style.dim(
                     f"seqlease chat · {ctx.backend.name} backend · {ctx.model_path}\n"
+                    f"llama.cpp: {describe_llama(ctx)}\n"
                     "/help lists commands; /quit or Ctrl-D leaves"
                 ),
                 file=out,

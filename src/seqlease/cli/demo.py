@@ -8,6 +8,10 @@ and an impatient click that gets "busy, try again" while both sequences are in u
 every reply to the terminal, and ends by proving from the pool's own counters that no sequence
 leaked.
 
+The pool has the app's 2 sequences unless ``--sequences`` says otherwise; the llama.cpp options
+(``--n-ctx``, ``--n-gpu-layers``, ``--flash-attn``, ``--cache-type-k/v``...) reach llama.cpp as
+given, and the line headed ``llama.cpp`` shows what it was given once every "auto" is settled.
+
 Exit status 0 when every lease came back and nothing unexpected failed, 1 otherwise.
 """
 
@@ -30,6 +34,7 @@ from seqlease.cli.common import (
     Style,
     add_context_options,
     color_enabled,
+    describe_llama,
     open_context,
     positive_int,
 )
@@ -53,7 +58,10 @@ __all__ = [
 ]
 
 NAME = "demo"
-HELP = "replay the 'Random' button app: racing clicks on 2 sequences, then prove none leaked"
+HELP = (
+    "replay the 'Random' button app: clicks racing for 2 sequences (--sequences), then prove "
+    "none leaked"
+)
 
 SYSTEM_PROMPT = "You are a storyteller. Answer with a two-sentence story and nothing else."
 
@@ -111,7 +119,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="longest reply per click, in tokens (default: 48)",
     )
-    add_context_options(parser)
+    add_context_options(parser, sequences=2, sequences_help="the app's pool")
     parser.set_defaults(handler=_handle)
 
 
@@ -162,7 +170,7 @@ class Step:
     gap: float = 0.0
     #: Wait for every earlier click to finish first.
     after_idle: bool = False
-    #: Wait until every sequence is leased first (to show the busy answer).
+    #: Wait until the pool is full, or every running click holds a sequence (to show "busy").
     when_full: bool = False
 
 
@@ -171,8 +179,9 @@ def plan_clicks(n: int, rng: random.Random) -> list[Step]:
 
     Four clicks or more open with the founding story's script: one click on its own (it always
     worked), then a double click racing for the pool, then an impatient ``timeout=0`` click
-    while both sequences are busy. The rest are single and double clicks at random moments,
-    fired without waiting for earlier replies.
+    while the double click holds its sequences (on the app's 2 sequences: the whole pool). The
+    rest are single and double clicks at random moments, fired without waiting for earlier
+    replies.
     """
     clicks: list[Click] = []
 
@@ -268,7 +277,7 @@ class Display:
         how = {
             "single": f"waits up to {click.timeout:g} s",
             "double": f"double click, waits up to {click.timeout:g} s",
-            "no-wait": "impatient: timeout=0, both sequences are busy",
+            "no-wait": "impatient: timeout=0, does not wait for a sequence",
         }[click.kind]
         self._print([f"{self.label(click)} {self._style.dim(f'clicked: {click.topic} ({how})')}"])
 
@@ -430,10 +439,13 @@ class _Runner:
             thread.join()
 
     def _wait_until_full(self) -> None:
+        # A pool larger than the clicks in flight (--sequences 3 and up) never fills: then
+        # wait until each of them holds its sequence, and the impatient click gets one too.
         deadline = time.monotonic() + _SATURATE_WAIT
         while time.monotonic() < deadline and not self.stop.is_set():
             stats = self.ctx.stats()
-            if stats.leased == stats.size:
+            running = sum(not done.is_set() for done in self._done)
+            if stats.leased >= min(stats.size, running):
                 return
             time.sleep(0.001)
 
@@ -473,7 +485,7 @@ class _Runner:
             click.wait = time.monotonic() - started
             click.busy = True
             why = (
-                "both sequences are in use and this click does not wait"
+                "every sequence is in use and this click does not wait"
                 if click.timeout == 0
                 else f"no sequence came free within {click.timeout:g} s"
             )
@@ -611,15 +623,15 @@ def _handle(args: argparse.Namespace) -> int:
     clicks = [c for step in steps for c in step.clicks]
 
     print(style.bold('seqlease demo: the "Random" button, replayed'), flush=True)
-    ctx = open_context(args, sequences=2, style=style, out=out)
+    ctx = open_context(args, style=style, out=out)
     if ctx is None:
         return 1
     with ctx:
         print(
             f"{'model':<10}{ctx.model_path}\n"
-            f"{'context':<10}{ctx.backend.name} backend · {ctx.sequences} sequences · "
-            f"n_threads {args.n_threads} · max {args.max_tokens} tokens · seed {seed}\n"
-            f"{'clicks':<10}{len(clicks)}: each leases a sequence, streams a story, releases it",
+            f"{'llama.cpp':<10}{style.dim(describe_llama(ctx))}\n"
+            f"{'clicks':<10}{len(clicks)}: each leases a sequence, streams a story of at most "
+            f"{args.max_tokens} tokens, releases it · seed {seed}",
             flush=True,
         )
         print(flush=True)
