@@ -243,6 +243,34 @@ def test_gpu_offload_and_refusals_come_from_the_binding() -> None:
     assert detect().devices and detect().devices[0].startswith("CPU")
 
 
+def test_refusals_of_llama_count_where_the_completion_backend_runs() -> None:
+    class Llama0290(fb.FakeLlama):  # the keywords of 0.2.90's Llama that seqlease passes
+        def __init__(
+            self,
+            model_path: str,
+            n_gpu_layers: int = 0,
+            main_gpu: int = 0,
+            tensor_split: Any = None,
+            use_mmap: bool = True,
+            use_mlock: bool = False,
+            n_ctx: int = 512,
+            n_batch: int = 512,
+            n_threads: Any = None,
+            n_threads_batch: Any = None,
+            offload_kqv: bool = True,
+            flash_attn: bool = False,
+            type_k: Any = None,
+            type_v: Any = None,
+        ) -> None:
+            pass
+
+    caps = detect_from(fb.binding_0_2_x(), Llama0290, "0.2.90")
+    assert caps.backend == "completion"
+    assert any(line.startswith("n_ubatch: llama_cpp.Llama takes no") for line in caps.unhonoured)
+    newest = detect_from(fb.binding_newest(), Llama0290, "0.3.36")
+    assert not any("n_ubatch" in line for line in newest.unhonoured)  # the session backend runs
+
+
 @pytest.mark.parametrize(("policy", "hint"), [(None, True), ("active", True), ("passive", False)])
 def test_doctor_shows_the_openmp_wait_policy(
     monkeypatch: pytest.MonkeyPatch,

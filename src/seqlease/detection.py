@@ -15,7 +15,7 @@ from seqlease.native import names
 from seqlease.native.devices import list_devices
 from seqlease.native.library import binding_version, load_library
 from seqlease.native.memory import MemoryApiName, resolve_memory_api
-from seqlease.native.params import unhonoured
+from seqlease.native.params import llama_unhonoured, unhonoured
 
 __all__ = ["BackendName", "Capabilities", "detect", "detect_from"]
 
@@ -98,6 +98,9 @@ def detect_from(lib: Any, llama_class: Any, version: str | None) -> Capabilities
         raw = info_fn()
         system_info = raw.decode("utf-8", "replace").strip() if isinstance(raw, bytes) else None
     refused = unhonoured(lib)
+    if backend == "completion":  # what it cannot take matters only where it is what runs
+        for option, why in llama_unhonoured(llama_class).items():
+            refused.setdefault(option, why)
     by_reason: dict[str, list[str]] = {}
     for option, why in refused.items():
         by_reason.setdefault(why, []).append(option)

@@ -29,6 +29,7 @@ __all__ = [
     "context_params",
     "kv_cache_bytes",
     "llama_kwargs",
+    "llama_unhonoured",
     "model_params",
     "resolve",
     "unhonoured",
@@ -247,6 +248,34 @@ def context_params(lib: Any, options: ContextOptions, layout: KvLayout) -> Any:
     return params
 
 
+_NO_KEYWORD = "llama_cpp.Llama takes no such keyword (the completion backend runs on it)"
+#: Options the completion backend hands ``Llama`` under their own names, when asked for.
+_LLAMA_OPTIONS = (
+    "n_gpu_layers",
+    "main_gpu",
+    "tensor_split",
+    "use_mmap",
+    "use_mlock",
+    "n_ubatch",
+    "n_threads_batch",
+    "flash_attn",
+    "type_k",
+    "type_v",
+    "offload_kqv",
+)
+
+
+def _llama_keywords(llama_class: Any) -> set[str]:
+    # Named parameters only: Llama also takes **kwargs, and drops what it does not know.
+    return set(inspect.signature(llama_class.__init__).parameters)
+
+
+def llama_unhonoured(llama_class: Any) -> dict[str, str]:
+    """Options the completion backend's ``Llama`` cannot take, each with the reason."""
+    accepted = _llama_keywords(llama_class)
+    return {name: _NO_KEYWORD for name in _LLAMA_OPTIONS if name not in accepted}
+
+
 def llama_kwargs(llama_class: Any, model: ModelOptions, context: ContextOptions) -> dict[str, Any]:
     """Keywords for ``llama_cpp.Llama`` from resolved options (the completion backend's).
 
@@ -257,7 +286,7 @@ def llama_kwargs(llama_class: Any, model: ModelOptions, context: ContextOptions)
         BackendUnavailableError: an option was asked for that this ``Llama`` takes no keyword for.
 
     """
-    accepted = set(inspect.signature(llama_class.__init__).parameters)
+    accepted = _llama_keywords(llama_class)
     wanted: dict[str, tuple[Any, bool]] = {
         # name: (value, whether it differs from what Llama does unasked)
         "n_gpu_layers": (model.n_gpu_layers, model.n_gpu_layers != 0),
@@ -289,7 +318,7 @@ def llama_kwargs(llama_class: Any, model: ModelOptions, context: ContextOptions)
             raise _refuse(
                 name,
                 value,
-                "llama_cpp.Llama takes no such keyword (the completion backend runs on it)",
+                _NO_KEYWORD,
                 "upgrade llama-cpp-python or leave the option at its default",
             )
     return kwargs
