@@ -111,3 +111,22 @@ def completion_backend(path, **options):
 
     model, context = resolve(load_library(), ModelOptions(), ContextOptions(**options))
     return CompletionBackend(path, model, context)
+
+
+def run_cli(*args: str, stdin: str | None = None, timeout: float = 120):
+    """``python -m seqlease *args`` in a child process (``NO_COLOR`` unset), its output kept."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GGML_NO_BACKTRACE": "1"}
+    env.pop("NO_COLOR", None)  # --no-color must be enough on its own
+    return subprocess.run(
+        [sys.executable, "-m", "seqlease", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )

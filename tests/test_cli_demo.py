@@ -6,27 +6,16 @@ pytest down.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import pytest
 
+from helpers import run_cli
 from seqlease.cli import build_parser
 
 
 def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "GGML_NO_BACKTRACE": "1"}
-    env.pop("NO_COLOR", None)  # --no-color must be enough on its own
-    return subprocess.run(
-        [sys.executable, "-m", "seqlease", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
+    return run_cli(*args, stdin=stdin)
 
 
 @pytest.mark.timeout(150)

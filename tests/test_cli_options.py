@@ -9,13 +9,12 @@ head size of 16 cannot hold.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 
+from helpers import run_cli
 from seqlease.cli import build_parser
 from seqlease.cli.common import context_kwargs, describe_llama
 from seqlease.options import ContextOptions, ModelOptions
@@ -23,16 +22,7 @@ from tiny_model import tiny_model_path
 
 
 def _run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "GGML_NO_BACKTRACE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "seqlease", *args, "--no-color"],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    return run_cli(*args, "--no-color", stdin=stdin, timeout=60)
 
 
 def _shown(out: str) -> str:
