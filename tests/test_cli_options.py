@@ -25,6 +25,10 @@ def _run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return run_cli(*args, "--no-color", stdin=stdin, timeout=60)
 
 
+def _on_tiny(command: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return _run(command, "--model", str(tiny_model_path()), *args, stdin=stdin)
+
+
 def _shown(out: str) -> str:
     """The text of the ``llama.cpp`` line (demo puts it in a column, chat after a colon)."""
     for line in out.splitlines():
@@ -184,10 +188,8 @@ def test_a_quantized_kv_cache_on_the_default_model_turns_flash_attention_on():
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("command", ["demo", "chat"])
 def test_n_ctx_and_sequences_reach_the_context(command):
-    proc = _run(
+    proc = _on_tiny(
         command,
-        "--model",
-        str(tiny_model_path()),
         "--sequences",
         "3",
         "--n-ctx",
@@ -222,10 +224,8 @@ def _assert_clean_failure(proc: subprocess.CompletedProcess[str], *needles: str)
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("command", ["demo", "chat"])
 def test_a_quantized_v_cache_without_flash_attention_fails_in_one_line(command):
-    proc = _run(
+    proc = _on_tiny(
         command,
-        "--model",
-        str(tiny_model_path()),
         "--flash-attn",
         "off",
         "--cache-type-v",
