@@ -92,11 +92,16 @@ def native_context(
     """
     from seqlease.engine.layout import KvLayout
     from seqlease.native.context import NativeContext
-    from seqlease.options import ContextOptions
+    from seqlease.native.params import resolve
+    from seqlease.options import ContextOptions, ModelOptions
 
     settings = {"n_threads": 1, "flash_attn": False, **options}
-    context = ContextOptions(
-        sequences=1, n_ctx=n_ctx_seq, n_batch=n_batch, kv_unified=unified, **settings
+    _, context = resolve(
+        lib,
+        ModelOptions(n_gpu_layers=0),
+        ContextOptions(
+            sequences=1, n_ctx=n_ctx_seq, n_batch=n_batch, kv_unified=unified, **settings
+        ),
     )
     layout = layout or KvLayout(n_seq_max, n_ctx_seq, 0, 0, unified)
     return NativeContext(lib, model, memory, context, layout)

@@ -118,14 +118,9 @@ class CompletionBackend(JobWorker):
         # Partial KV removal fails on recurrent and hybrid models: Llama then evaluates the
         # whole prompt again, and n_evaluated must say so.
         self._partial_rm = not self.model.is_recurrent()
-        shape = self.model.kv_shape()
         #: Bytes of the KV cache llama.cpp allocated (``None`` for a model of unknown shape).
-        self.kv_cache_bytes = (
-            None
-            if shape is None
-            else kv_cache_bytes(
-                shape, int(lib.llama_n_ctx(llama.ctx)), context.type_k, context.type_v
-            )
+        self.kv_cache_bytes = kv_cache_bytes(
+            self.model.kv_shape(), int(lib.llama_n_ctx(llama.ctx)), context
         )
         #: Jobs the worker has taken from the queue and ended (any way), for tests and stats.
         self.completed = 0

@@ -14,7 +14,6 @@ from seqlease.native.context import NativeContext
 from seqlease.native.memory import resolve_memory_api
 from seqlease.native.model import NativeModel
 from seqlease.native.names import max_sequences
-from seqlease.native.params import kv_cache_bytes
 from seqlease.options import ContextOptions, ModelOptions
 from seqlease.request.job import Channel, Job
 from seqlease.request.params import SamplingParams
@@ -57,13 +56,8 @@ class SessionBackend:
         self.n_ctx = native.n_ctx_seq
         #: How the KV memory is split between leases and the prefix cache.
         self.layout = layout
-        shape = self.model.kv_shape()
         #: Bytes of the KV cache llama.cpp allocated (``None`` for a model of unknown shape).
-        self.kv_cache_bytes = (
-            None
-            if shape is None
-            else kv_cache_bytes(shape, native.n_cells, context.type_k, context.type_v)
-        )
+        self.kv_cache_bytes = native.kv_cache_bytes
         self.engine = Engine(lib, native, layout, share_prefixes=context.prefix_cache)
 
     def generate(

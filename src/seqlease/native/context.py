@@ -20,7 +20,7 @@ from seqlease.errors import (
 from seqlease.native.memory import MemoryOps
 from seqlease.native.model import NativeModel
 from seqlease.native.names import bound
-from seqlease.native.params import check_kv_shape, context_params
+from seqlease.native.params import check_kv_shape, context_params, kv_cache_bytes
 from seqlease.options import ContextOptions
 
 __all__ = ["BatchEntry", "NativeContext"]
@@ -59,7 +59,8 @@ class NativeContext:
         self._lib = lib
         self.model = model
         self.memory = memory
-        check_kv_shape(model.kv_shape(), options)
+        shape = model.kv_shape()
+        check_kv_shape(shape, options)
         params = context_params(lib, options, layout)
         n_seq_max, n_ctx_total = layout.n_seq_max, layout.n_ctx_total
         create = bound(lib, "create a context")
@@ -78,6 +79,8 @@ class NativeContext:
         self.n_batch = int(lib.llama_n_batch(ptr))
         #: KV cells llama.cpp made: what was asked, rounded up (to 256 per stream).
         self.n_cells = int(lib.llama_n_ctx(ptr))
+        #: Bytes of the KV cache llama.cpp allocated (``None`` for a model of unknown shape).
+        self.kv_cache_bytes = kv_cache_bytes(shape, self.n_cells, options)
         # Our own budget: llama.cpp may round each stream up (to 256 cells), never down.
         self.n_ctx_seq = layout.n_ctx_seq
         self._batch = lib.llama_batch_init(self.n_batch, 0, n_seq_max)

@@ -76,10 +76,15 @@ class KvShape:
     n_head_kv: int
 
 
-def kv_cache_bytes(shape: KvShape, cells: int, type_k: str, type_v: str) -> int:
-    """Bytes of a KV cache of ``cells`` cells: every layer holds one K and one V row per cell."""
-    k = KV_TYPES[type_k].row_bytes(shape.head_k * shape.n_head_kv)
-    v = KV_TYPES[type_v].row_bytes(shape.head_v * shape.n_head_kv)
+def kv_cache_bytes(shape: KvShape | None, cells: int, options: ContextOptions) -> int | None:
+    """Bytes of a KV cache of ``cells`` cells: every layer holds one K and one V row per cell.
+
+    ``None`` for a model of unknown shape.
+    """
+    if shape is None:
+        return None
+    k = KV_TYPES[options.type_k].row_bytes(shape.head_k * shape.n_head_kv)
+    v = KV_TYPES[options.type_v].row_bytes(shape.head_v * shape.n_head_kv)
     return shape.n_layer * cells * (k + v)
 
 
@@ -230,7 +235,11 @@ def model_params(lib: Any, options: ModelOptions) -> tuple[Any, Any]:
 
 def context_params(lib: Any, options: ContextOptions, layout: KvLayout) -> Any:
     """``llama_context_params`` for resolved ``options`` and the sequences of ``layout``."""
-    if not isinstance(options.flash_attn, bool):
+    if not isinstance(options.flash_attn, bool) or None in (
+        options.n_ubatch,
+        options.n_threads,
+        options.n_threads_batch,
+    ):
         raise TypeError("context_params needs resolved options (see resolve)")
     params = lib.llama_context_default_params()
     if "kv_unified" in names.context_fields(lib):
@@ -238,10 +247,10 @@ def context_params(lib: Any, options: ContextOptions, layout: KvLayout) -> Any:
     names.set_flash_attention(lib, params, options.flash_attn)
     params.n_ctx = layout.n_ctx_total
     params.n_batch = options.n_batch
-    params.n_ubatch = options.n_ubatch or options.n_batch
+    params.n_ubatch = options.n_ubatch
     params.n_seq_max = layout.n_seq_max
-    params.n_threads = options.n_threads or default_threads()
-    params.n_threads_batch = options.n_threads_batch or params.n_threads
+    params.n_threads = options.n_threads
+    params.n_threads_batch = options.n_threads_batch
     params.type_k = KV_TYPES[options.type_k].ggml_id
     params.type_v = KV_TYPES[options.type_v].ggml_id
     params.offload_kqv = options.offload_kqv
