@@ -13,6 +13,7 @@ from seqlease.errors import (
     ContextOverflowError,
     DecodeError,
     EmptyPromptError,
+    GrammarError,
     InvalidSequenceError,
     LeaseLeakWarning,
     MissingSequenceError,
@@ -31,6 +32,7 @@ from seqlease.model_path import default_model_path
 from seqlease.options import ContextOptions, ModelOptions
 from seqlease.pool import Holder, PoolStats
 from seqlease.request.job import Result
+from seqlease.request.logprobs import TokenLogprob
 from seqlease.request.params import SamplingParams, sanitize
 from seqlease.request.stream import AsyncGeneration, Generation
 from seqlease.request.text import trim_at_stop
@@ -51,6 +53,7 @@ __all__ = [
     "DecodeError",
     "EmptyPromptError",
     "Generation",
+    "GrammarError",
     "Holder",
     "InvalidSequenceError",
     "Lease",
@@ -70,6 +73,7 @@ __all__ = [
     "SessionBusyError",
     "SessionReleasedError",
     "StreamInUseError",
+    "TokenLogprob",
     "TooManyWaiters",
     "__version__",
     "default_model_path",

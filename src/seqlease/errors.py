@@ -11,6 +11,7 @@ __all__ = [
     "ContextOverflowError",
     "DecodeError",
     "EmptyPromptError",
+    "GrammarError",
     "InvalidSequenceError",
     "LeaseLeakWarning",
     "MissingSequenceError",
@@ -73,6 +74,10 @@ class ContextClosedError(SeqleaseError):
 
 class ContextOverflowError(SeqleaseError, ValueError):
     """A prompt or reply would not fit in the sequence's share of the context."""
+
+
+class GrammarError(SeqleaseError, ValueError):
+    """A grammar or JSON Schema cannot be compiled; raised at the call, before anything runs."""
 
 
 class BackendUnavailableError(SeqleaseError):

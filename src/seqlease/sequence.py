@@ -19,6 +19,7 @@ from seqlease.request.job import Channel, Job
 from seqlease.request.params import SamplingKwargs, SamplingParams, sanitize
 from seqlease.request.prompt import prompt_tokens
 from seqlease.request.stream import AsyncGeneration, Generation
+from seqlease.request.structured import check_for_model
 
 if TYPE_CHECKING:
     from seqlease.backends.base import Backend
@@ -116,8 +117,14 @@ class Sequence:
         ``min_p=0``, ``repeat_penalty=1`` (off), ``max_tokens=256``, ``seed=None``,
         ``stop=None`` (none). Non-finite numbers fall back to these defaults.
 
+        Structured output: ``grammar`` (GBNF) or ``json_schema`` (a JSON Schema dict or a
+        pydantic model class) constrains the reply; ``logit_bias`` (``{token id: bias}``)
+        shifts logits; ``logprobs=True`` (with ``top_logprobs`` alternatives, 0 to 20) puts a
+        :class:`TokenLogprob` per generated token in :attr:`Result.logprobs`.
+
         Raises:
             SequenceReleasedError: the handle was released.
+            GrammarError: the grammar or schema cannot be compiled (nothing was queued).
             ContextOverflowError: the prompt does not fit in the sequence's ``n_ctx``.
             SequenceBusyError: this sequence is already generating (a reply that was closed,
                 left early or dropped does not count).
@@ -174,7 +181,10 @@ class Sequence:
             )
         if abort is not None:
             check_callable("abort", abort, "is_set")
-        return prompt_tokens(prompt, self._backend.model)
+        model = self._backend.model
+        tokens = prompt_tokens(prompt, model)
+        check_for_model(model, params.grammar, params.logit_bias)
+        return tokens
 
     def _start(
         self,

@@ -44,6 +44,14 @@ class ModelInfo(Protocol):
         """The GGUF ``tokenizer.chat_template``, if any."""
         ...
 
+    def is_eog(self, token: int) -> bool:
+        """Whether ``token`` ends generation."""
+        ...
+
+    def check_grammar(self, text: str) -> None:
+        """Raise :class:`~seqlease.GrammarError` unless ``text`` compiles for this model."""
+        ...
+
 
 class Backend(Protocol):
     """A way to run generations for leased sequences."""

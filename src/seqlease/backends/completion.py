@@ -23,6 +23,8 @@ import random
 import re
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from seqlease.backends.base import PrefixStats
 from seqlease.backends.worker import JobWorker
 from seqlease.errors import (
@@ -32,11 +34,14 @@ from seqlease.errors import (
     SeqleaseError,
 )
 from seqlease.model_path import check_model_file
+from seqlease.native.grammar import binding_grammar
 from seqlease.native.library import load_library
 from seqlease.native.model import NativeModel
 from seqlease.native.params import check_kv_shape, kv_cache_bytes, llama_kwargs
 from seqlease.options import ContextOptions, ModelOptions, is_quantized
 from seqlease.request.job import FinishReason, Job
+from seqlease.request.logprobs import token_logprob
+from seqlease.request.params import SamplingParams
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -204,6 +209,7 @@ class CompletionBackend(JobWorker):
         # generate() builds reads both.
         llama.set_seed(seed)
         llama.last_n_tokens_size = p.repeat_last_n
+        raw = _RawLogits()
         tokens = llama.generate(
             prompt,
             top_k=p.top_k,
@@ -212,19 +218,21 @@ class CompletionBackend(JobWorker):
             temp=p.temperature,
             repeat_penalty=p.repeat_penalty,
             reset=True,  # keep the common prefix of what Llama holds, evaluate the rest
+            logits_processor=_processors(p, raw),
+            grammar=None if p.grammar is None else binding_grammar(p.grammar),
         )
         try:
             for token in tokens:
-                job.n_generated += 1
-                if model.is_eog(token):
-                    return "eog"
-                job.say(job.text.feed(model.token_to_piece(token)))
-                if job.text.stopped:
-                    return "stop"
-                if job.n_generated >= limit:
-                    return "length"
-                if job.should_stop():
-                    return "cancelled"
+                logprob = None
+                if p.logprobs and raw.last is not None:
+                    logprob = token_logprob(raw.last, token, p.top_logprobs, model)
+                reason = job.add_token(token, model, logprob)
+                if reason is None and job.n_generated >= limit:
+                    reason = "length"
+                if reason is None and job.should_stop():
+                    reason = "cancelled"
+                if reason is not None:
+                    return reason
             return "length"  # generate() never ends on its own; kept for the type checker
         finally:
             # Stops Llama between tokens; its next call reuses whatever prefix still matches.
@@ -253,6 +261,40 @@ class CompletionBackend(JobWorker):
         if keep <= 0 or not self._partial_rm:
             return len(prompt)
         return len(prompt) - keep
+
+
+class _RawLogits:
+    """A logits processor that keeps a copy of the raw logits ``Llama`` samples from.
+
+    It runs before any other processor and before ``Llama``'s own sampler stages, on the
+    logits of the whole vocabulary in token-id order (0.2 and 0.3 alike).
+    """
+
+    def __init__(self) -> None:
+        self.last: Any = None
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        self.last = np.array(scores, dtype=np.float32, copy=True)
+        return scores
+
+
+def _processors(params: SamplingParams, raw: _RawLogits) -> Any:
+    """The ``LogitsProcessorList`` for logprobs and logit bias, or ``None`` for neither."""
+    from llama_cpp import LogitsProcessorList
+
+    processors: list[Any] = []
+    if params.logprobs:
+        processors.append(raw)
+    if params.logit_bias:
+        ids = np.array([token for token, _ in params.logit_bias], dtype=np.intp)
+        biases = np.array([bias for _, bias in params.logit_bias], dtype=np.float32)
+
+        def bias(input_ids: Any, scores: Any) -> Any:
+            scores[ids] += biases
+            return scores
+
+        processors.append(bias)
+    return LogitsProcessorList(processors) if processors else None
 
 
 def _map_error(exc: BaseException, seq_id: int) -> SeqleaseError:

@@ -33,6 +33,7 @@ from seqlease.errors import DecodeError
 from seqlease.native.context import BatchEntry, NativeContext
 from seqlease.native.sampler import SamplerChain
 from seqlease.request.job import FinishReason, Job
+from seqlease.request.logprobs import token_logprob
 
 __all__ = ["Engine"]
 
@@ -136,7 +137,7 @@ class Engine(JobWorker):
         if job.should_stop():
             self._finish(job, "cancelled")
             return
-        sampler = build_sampler(self._lib, job.params, self._model.n_vocab)
+        sampler = build_sampler(self._lib, job.params, self._model)
         self._samplers[job] = sampler
         self._waiting.append(job)
         if job.params.repeat_penalty != 1.0:
@@ -210,17 +211,17 @@ class Engine(JobWorker):
 
     def _sample(self, job: Job, *, row: int) -> None:
         token = self._samplers[job].sample(self._native.ptr, row)
-        job.n_generated += 1
-        if self._model.is_eog(token):
-            self._end(job, "eog")
-            return
-        job.say(job.text.feed(self._model.token_to_piece(token)))
-        if job.text.stopped:
-            self._end(job, "stop")
-        elif job.n_generated >= job.params.max_tokens or job.n_past >= self._native.n_ctx_seq:
-            self._end(job, "length")
-        else:
+        logprob = None
+        if job.params.logprobs:
+            logits = self._native.logit_row(row)
+            logprob = token_logprob(logits, token, job.params.top_logprobs, self._model)
+        reason = job.add_token(token, self._model, logprob)
+        if reason is None and job.n_past >= self._native.n_ctx_seq:
+            reason = "length"
+        if reason is None:
             job.next_token = token
+        else:
+            self._end(job, reason)
 
     def _decode_failed(self, plan: list[tuple[Job, int]], exc: DecodeError) -> None:
         """No KV slot: retry smaller. Fatal: stop. Else: fail the jobs of the batch."""

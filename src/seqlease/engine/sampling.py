@@ -5,21 +5,29 @@ from __future__ import annotations
 import random
 from types import ModuleType
 
+from seqlease.native.model import NativeModel
 from seqlease.native.sampler import SamplerChain
 from seqlease.request.params import SamplingParams
 
 __all__ = ["build_sampler"]
 
 
-def build_sampler(lib: ModuleType, params: SamplingParams, n_vocab: int) -> SamplerChain:
-    """Penalties, top-k, top-p, min-p and temperature, then a seeded draw (greedy at temp 0)."""
+def build_sampler(lib: ModuleType, params: SamplingParams, model: NativeModel) -> SamplerChain:
+    """Logit bias, penalties, top-k, top-p, min-p and temperature, then a seeded draw.
+
+    Greedy at temperature 0. A grammar (already checked at the call) constrains the chain.
+    """
     chain = SamplerChain(lib)
     try:
+        if params.grammar is not None:
+            chain.constrain(model.grammar_sampler(params.grammar), model.n_vocab)
+        if params.logit_bias:
+            chain.logit_bias(model.n_vocab, params.logit_bias)
         # Penalties scan the candidates: after top-k they look at k tokens, not the vocabulary.
         if params.top_k > 0 and params.temperature > 0.0:
             chain.top_k(params.top_k)
         if params.repeat_penalty != 1.0:
-            chain.penalties(n_vocab, params.repeat_last_n, params.repeat_penalty)
+            chain.penalties(model.n_vocab, params.repeat_last_n, params.repeat_penalty)
         if params.temperature <= 0.0:
             return chain.greedy()
         if params.top_p < 1.0:

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from seqlease.engine.layout import KvLayout
 from seqlease.errors import (
     DecodeError,
@@ -217,6 +219,18 @@ class NativeContext:
     def logits(self, index: int) -> Any:
         """Pointer to the logits of batch row ``index`` of the last decode."""
         return self._lib.llama_get_logits_ith(self.ptr, index)
+
+    def logit_row(self, index: int) -> Any:
+        """The logits of batch row ``index`` as a NumPy view, valid until the next decode.
+
+        Raises:
+            NativeError: llama.cpp kept no logits for that row.
+
+        """
+        ptr = self.logits(index)
+        if not ptr:
+            raise NativeError(f"llama.cpp kept no logits for batch row {index}")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
 
     def close(self) -> None:
         """Free the batch and the context; idempotent."""

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import logging
 import threading
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
-__all__ = ["LLAMA_LOGGER", "binding_version", "load_library"]
+__all__ = ["LLAMA_LOGGER", "binding_version", "llama_log_lines", "load_library"]
 
 #: llama.cpp's own log lines go here. Quiet by default: the ``seqlease`` logger has a NullHandler.
 LLAMA_LOGGER = logging.getLogger("seqlease.llama")
@@ -88,6 +90,33 @@ def load_library() -> ModuleType:
                 lib.llama_log_set(_log_callback, None)
         _lib = lib
         return lib
+
+
+class _ThreadLines(logging.Handler):
+    """Keeps the messages one thread logs (llama.cpp logs on the thread that called it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def llama_log_lines() -> Iterator[list[str]]:
+    """The llama.cpp log lines this thread causes inside the block, for an error message.
+
+    llama.cpp reports why a call failed (a grammar's syntax error, say) only in its log.
+    """
+    handler = _ThreadLines()
+    LLAMA_LOGGER.addHandler(handler)
+    try:
+        yield handler.lines
+    finally:
+        LLAMA_LOGGER.removeHandler(handler)
 
 
 def _level_numbering() -> tuple[dict[int, int], int | None]:

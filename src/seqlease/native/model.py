@@ -11,6 +11,7 @@ from typing import Any
 
 from seqlease.errors import ContextClosedError, ModelLoadError
 from seqlease.model_path import check_model_file
+from seqlease.native.grammar import check_grammar, grammar_sampler
 from seqlease.native.names import bound
 from seqlease.native.params import KvShape, model_params
 from seqlease.options import ModelOptions
@@ -133,6 +134,16 @@ class NativeModel:
         """Whether ``token`` ends generation (EOS, EOT, ...)."""
         with self._lock:
             return bool(self._is_eog(self._live_vocab(), token))
+
+    def check_grammar(self, text: str) -> None:
+        """Raise :class:`~seqlease.GrammarError` unless ``text`` compiles for this model."""
+        with self._lock:
+            check_grammar(self._lib, self._live_vocab(), text)
+
+    def grammar_sampler(self, text: str) -> Any:
+        """A new llama.cpp grammar sampler for ``text``; the caller frees it."""
+        with self._lock:
+            return grammar_sampler(self._lib, self._live_vocab(), text)
 
     def is_recurrent(self) -> bool:
         """Whether the model keeps recurrent state (partial KV removal fails on those)."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
 from typing_extensions import Self
 
-from seqlease.errors import SeqleaseError
+from seqlease.errors import GrammarError, SeqleaseError
+from seqlease.native.candidates import Candidates
 
 __all__ = ["SamplerChain"]
 
@@ -15,9 +17,14 @@ __all__ = ["SamplerChain"]
 class SamplerChain:
     """One ``llama_sampler`` chain: add stages in order, then :meth:`sample` from logits.
 
-    Each sequence gets its own chain: the repeat-penalty history and the random state are per
-    sequence. Stage values must already be validated by the caller. The chain owns every stage
-    added to it; :meth:`close` frees them all.
+    Each sequence gets its own chain: the repeat-penalty history, the random state and the
+    grammar's position are per sequence. Stage values must already be validated by the caller.
+    The chain owns every stage added to it and its grammar; :meth:`close` frees them all.
+
+    A grammar is kept beside the chain, not in it, as llama.cpp's own ``common_sampler`` does:
+    checking all 49k candidates against a grammar costs about 3 ms a token, so the chain picks
+    first and the grammar only checks the pick, filtering everything only when it refuses. And
+    prompt tokens fed to the repeat penalty (:meth:`accept`) must not reach the grammar.
     """
 
     def __init__(self, lib: ModuleType) -> None:
@@ -27,11 +34,28 @@ class SamplerChain:
         if not chain:
             raise SeqleaseError("llama.cpp could not create a sampler chain")
         self._ptr: Any = chain
+        self._grammar: Any = None
+        self._candidates: Candidates | None = None
 
     def _add(self, stage: Any) -> Self:
         if not stage:
             raise SeqleaseError("llama.cpp could not create a sampler stage")
         self._lib.llama_sampler_chain_add(self._ptr, stage)
+        return self
+
+    def logit_bias(self, n_vocab: int, biases: Sequence[tuple[int, float]]) -> Self:
+        """Add ``bias`` to the logit of each ``token`` (ids already checked against the vocab)."""
+        lib = self._lib
+        entries = (lib.llama_logit_bias * len(biases))(
+            *(lib.llama_logit_bias(token, bias) for token, bias in biases)
+        )
+        # llama.cpp copies the entries: they need not outlive this call.
+        return self._add(lib.llama_sampler_init_logit_bias(n_vocab, len(biases), entries))
+
+    def constrain(self, grammar: Any, n_vocab: int) -> Self:
+        """Only let tokens through that ``grammar`` (a grammar sampler, now owned) allows."""
+        self._grammar = grammar
+        self._candidates = Candidates(self._lib, n_vocab)
         return self
 
     def top_k(self, k: int) -> Self:
@@ -73,15 +97,40 @@ class SamplerChain:
         )
 
     def sample(self, ctx_ptr: Any, index: int) -> int:
-        """Draw a token from the logits of batch row ``index`` (and accept it into the chain)."""
-        return int(self._lib.llama_sampler_sample(self._ptr, ctx_ptr, index))
+        """Draw a token from the logits of batch row ``index`` (and accept it into the chain).
+
+        Raises:
+            GrammarError: the grammar allows no token at all here (accepting one it refuses
+                would abort the process).
+
+        """
+        lib, grammar = self._lib, self._grammar
+        if grammar is None or self._candidates is None:
+            return int(lib.llama_sampler_sample(self._ptr, ctx_ptr, index))
+        logits = lib.llama_get_logits_ith(ctx_ptr, index)
+        if not logits:
+            raise SeqleaseError(f"llama.cpp has no logits for batch row {index}")
+        candidates = self._candidates
+        token = candidates.choose(logits, self._ptr)
+        if not candidates.allows(grammar, token):
+            token = candidates.choose(logits, grammar, self._ptr)
+            if not candidates.allows(grammar, token):
+                raise GrammarError(
+                    "the grammar allows none of the model's tokens at this point of the reply"
+                )
+        lib.llama_sampler_accept(grammar, token)
+        lib.llama_sampler_accept(self._ptr, token)
+        return token
 
     def accept(self, token: int) -> None:
         """Feed a token the model did not sample (a prompt token) to the penalty history."""
         self._lib.llama_sampler_accept(self._ptr, token)
 
     def close(self) -> None:
-        """Free the chain and every stage in it; idempotent."""
+        """Free the chain, every stage in it and the grammar; idempotent."""
         if self._ptr is not None:
             self._lib.llama_sampler_free(self._ptr)
             self._ptr = None
+        if self._grammar is not None:
+            self._lib.llama_sampler_free(self._grammar)
+            self._grammar = None

@@ -14,13 +14,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from seqlease.errors import NativeError
+from seqlease.request.logprobs import TokenLogprob
 from seqlease.request.params import SamplingParams
 from seqlease.request.text import TextAssembler
 
-__all__ = ["Channel", "FinishReason", "Job", "Result"]
+__all__ = ["Channel", "FinishReason", "Job", "Result", "Vocabulary"]
 
 logger = logging.getLogger("seqlease.engine")
 
@@ -44,6 +45,20 @@ class Result:
     n_generated: int
     #: Seconds from submission to the end.
     seconds: float
+    #: One entry per generated token when asked for with ``logprobs=True``, else ``None``.
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+class Vocabulary(Protocol):
+    """What a job needs of the model to turn a token into reply text."""
+
+    def is_eog(self, token: int) -> bool:
+        """Whether ``token`` ends generation."""
+        ...
+
+    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
+        """Bytes of one token."""
+        ...
 
 
 class Channel:
@@ -153,6 +168,7 @@ class Job:
         self.n_generated = 0
         self.text = TextAssembler(params.stop)
         self._pieces: list[str] = []
+        self._logprobs: list[TokenLogprob] = []
 
     @property
     def decoding(self) -> bool:
@@ -175,6 +191,25 @@ class Job:
             return bool(self.abort.is_set())
         except Exception:  # the caller's abort object is broken: it cannot un-stop either
             return True
+
+    def add_token(
+        self, token: int, vocab: Vocabulary, logprob: TokenLogprob | None = None
+    ) -> FinishReason | None:
+        """Count a sampled token and deliver its text; why the reply ends with it, if it does.
+
+        The context limit is the backend's to check: only it knows how the sequence fills.
+        """
+        self.n_generated += 1
+        if logprob is not None:
+            self._logprobs.append(logprob)
+        if vocab.is_eog(token):
+            return "eog"
+        self.say(self.text.feed(vocab.token_to_piece(token)))
+        if self.text.stopped:
+            return "stop"
+        if self.n_generated >= self.params.max_tokens:
+            return "length"
+        return None
 
     def say(self, text: str) -> None:
         """Deliver a piece of reply text."""
@@ -212,4 +247,5 @@ class Job:
             n_evaluated=self.n_evaluated,
             n_generated=self.n_generated,
             seconds=time.monotonic() - self.started,
+            logprobs=tuple(self._logprobs) if self.params.logprobs else None,
         )

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from typing_extensions import Unpack
 
 from seqlease.checks import check_int, check_number, describe
+from seqlease.request.structured import grammar_text, logit_biases, logprob_counts
 from seqlease.request.text import check_stop
 
 __all__ = ["DEFAULTS", "SamplingKwargs", "SamplingParams", "sanitize"]
@@ -19,7 +20,10 @@ _INT32_MAX = (1 << 31) - 1
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one generation samples and when it stops. Build with :func:`sanitize`."""
+    """How one generation samples, what it may say, and when it stops.
+
+    Build with :func:`sanitize`.
+    """
 
     temperature: float = 0.6
     top_p: float = 0.9
@@ -30,6 +34,14 @@ class SamplingParams:
     max_tokens: int = 256
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    #: GBNF the reply must match (from ``grammar=`` or converted from ``json_schema=``).
+    grammar: str | None = None
+    #: ``(token id, bias)`` pairs added to the logits, by id.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    #: Whether the result carries a :class:`~seqlease.TokenLogprob` per generated token.
+    logprobs: bool = False
+    #: Alternatives per token in ``TokenLogprob.top`` (0 to 20).
+    top_logprobs: int = 0
 
 
 #: The defaults the seed note recommends: temperature 0.6, top-p 0.9, top-k 40, 256 tokens.
@@ -55,6 +67,11 @@ class SamplingKwargs(TypedDict, total=False):
     max_tokens: int | float | None
     seed: int | None
     stop: str | Sequence[str] | None
+    grammar: str | None
+    json_schema: Mapping[str, Any] | type | None
+    logit_bias: Mapping[int, float] | None
+    logprobs: bool | None
+    top_logprobs: int | None
 
 
 def sanitize(**kwargs: Unpack[SamplingKwargs]) -> SamplingParams:
@@ -62,7 +79,9 @@ def sanitize(**kwargs: Unpack[SamplingKwargs]) -> SamplingParams:
 
     Non-finite floats (and a non-finite ``max_tokens``) fall back to the defaults;
     out-of-range values raise ``ValueError`` saying the allowed range; unknown names raise
-    ``TypeError``.
+    ``TypeError``. ``json_schema`` (a dict or a pydantic model class) becomes the GBNF
+    ``grammar``; a bad grammar or schema raises :class:`~seqlease.GrammarError` when the call
+    is made (the grammar itself is compiled against the model by the generating call).
     """
     unknown = set(kwargs) - set(SamplingKwargs.__annotations__)
     if unknown:
@@ -93,6 +112,7 @@ def sanitize(**kwargs: Unpack[SamplingKwargs]) -> SamplingParams:
     if seed is not None:
         # Any 64-bit int: llama.cpp takes the low 32 bits, as llama-cpp-python does.
         seed = check_int("seed", seed, -(1 << 63), (1 << 64) - 1)
+    logprobs, top_logprobs = logprob_counts(kwargs.get("logprobs"), kwargs.get("top_logprobs"))
     return SamplingParams(
         temperature=temp,
         top_p=p,
@@ -102,4 +122,8 @@ def sanitize(**kwargs: Unpack[SamplingKwargs]) -> SamplingParams:
         max_tokens=int(mt),
         seed=seed,
         stop=check_stop(stop, allow_empty=False),
+        grammar=grammar_text(kwargs.get("grammar"), kwargs.get("json_schema")),
+        logit_bias=logit_biases(kwargs.get("logit_bias")),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
     )

@@ -1,0 +1,168 @@
+"""Structured-output arguments: a grammar or JSON Schema, logit bias, logprob counts.
+
+Checked at the call like every other argument. What needs the model (compiling the grammar
+against its vocabulary, token ids in range) is :func:`check_for_model`, run before the job is
+queued; a grammar that fails there never reaches the engine.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+from seqlease.checks import check_bool, check_int, check_number, describe
+from seqlease.errors import GrammarError
+from seqlease.native.grammar import schema_to_gbnf
+
+__all__ = [
+    "MAX_TOP_LOGPROBS",
+    "GrammarChecker",
+    "check_for_model",
+    "grammar_text",
+    "logit_biases",
+    "logprob_counts",
+]
+
+#: The most alternatives ``top_logprobs`` may ask for, as in OpenAI's API.
+MAX_TOP_LOGPROBS = 20
+
+
+class GrammarChecker(Protocol):
+    """A model that can say whether a grammar compiles against its vocabulary."""
+
+    @property
+    def n_vocab(self) -> int:
+        """Vocabulary size."""
+        ...
+
+    def check_grammar(self, text: str) -> None:
+        """Raise :class:`GrammarError` unless ``text`` compiles."""
+        ...
+
+
+def grammar_text(grammar: object, json_schema: object) -> str | None:
+    """The GBNF text for ``grammar`` (GBNF) or ``json_schema``; at most one may be given.
+
+    ``json_schema`` is a JSON Schema mapping or a pydantic model class (its
+    ``model_json_schema()``). Only local ``$ref``s (``#/...``) are allowed: the converter would
+    fetch any other over the network.
+
+    Raises:
+        GrammarError: both are given, the grammar is empty, or the schema cannot be converted.
+        TypeError: either has the wrong type.
+
+    """
+    if grammar is not None and json_schema is not None:
+        raise GrammarError("give grammar= or json_schema=, not both")
+    if grammar is not None:
+        if not isinstance(grammar, str):
+            raise TypeError(f"grammar must be GBNF text (str), not {describe(grammar)}")
+        if not grammar.strip():
+            raise GrammarError("grammar is empty: give GBNF text with a `root` rule, or None")
+        return grammar
+    if json_schema is None:
+        return None
+    schema = _schema_mapping(json_schema)
+    for ref in _refs(schema):
+        if not ref.startswith("#"):
+            raise GrammarError(
+                f"json_schema refers to {ref!r}: only local references (#/$defs/...) are "
+                "allowed; inline the referenced schema"
+            )
+    return schema_to_gbnf(schema)
+
+
+def _schema_mapping(json_schema: object) -> Mapping[str, Any]:
+    if isinstance(json_schema, Mapping):
+        return json_schema
+    if isinstance(json_schema, type):
+        to_schema = getattr(json_schema, "model_json_schema", None)  # pydantic 2
+        if callable(to_schema):
+            schema = to_schema()
+            if isinstance(schema, Mapping):
+                return schema
+    raise TypeError(
+        "json_schema must be a JSON Schema (dict) or a pydantic model class, not "
+        f"{describe(json_schema)}"
+    )
+
+
+def _refs(node: object) -> Iterator[str]:
+    """Every ``$ref`` value in a schema, at any depth."""
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            if key == "$ref" and isinstance(value, str):
+                yield value
+            else:
+                yield from _refs(value)
+    elif isinstance(node, (list, tuple)):
+        for item in node:
+            yield from _refs(item)
+
+
+def logit_biases(value: object) -> tuple[tuple[int, float], ...]:
+    """``{token id: bias}`` as sorted pairs; biases must be finite (ids are checked later).
+
+    Raises:
+        TypeError: not a mapping of ints to numbers.
+        ValueError: a negative id or a non-finite bias.
+
+    """
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise TypeError(f"logit_bias must be a mapping of token id to bias, not {describe(value)}")
+    pairs: list[tuple[int, float]] = []
+    for token, bias in value.items():
+        # JSON object keys are strings: "15339" is a token id too.
+        key = int(token) if isinstance(token, str) and token.isdigit() else token
+        tid = check_int("a logit_bias token id", key, 0, (1 << 31) - 1)
+        number = check_number(f"logit_bias[{tid}]", bias)
+        if not math.isfinite(number):
+            raise ValueError(
+                f"logit_bias[{tid}] must be a finite number (-100 all but bans it), not {number}"
+            )
+        pairs.append((tid, number))
+    return tuple(sorted(pairs))
+
+
+def logprob_counts(logprobs: object, top_logprobs: object) -> tuple[bool, int]:
+    """``(logprobs, top_logprobs)`` checked: 0 to 20 alternatives, and only with logprobs.
+
+    Raises:
+        TypeError: ``logprobs`` is not a bool.
+        ValueError: ``top_logprobs`` is out of range, or given without ``logprobs=True``.
+
+    """
+    wanted = check_bool("logprobs", False if logprobs is None else logprobs)
+    top = check_int(
+        "top_logprobs", 0 if top_logprobs is None else top_logprobs, 0, MAX_TOP_LOGPROBS
+    )
+    if top and not wanted:
+        raise ValueError("top_logprobs needs logprobs=True (as in OpenAI's API)")
+    return wanted, top
+
+
+def check_for_model(
+    model: GrammarChecker, grammar: str | None, biases: Sequence[tuple[int, float]]
+) -> None:
+    """The checks that need the model: the grammar compiles, the biased ids exist.
+
+    Run on every generating call, also with hand-made :class:`SamplingParams`: llama.cpp
+    writes a bias at its token id unchecked.
+
+    Raises:
+        GrammarError: the grammar does not compile.
+        ValueError: a biased token id is outside the vocabulary, or a bias is not finite.
+
+    """
+    for token, bias in biases:
+        if not 0 <= token < model.n_vocab:
+            raise ValueError(
+                f"logit_bias token id {token} is outside the vocabulary [0, {model.n_vocab})"
+            )
+        if not math.isfinite(bias):
+            raise ValueError(f"logit_bias[{token}] must be a finite number, not {bias}")
+    if grammar is not None:
+        model.check_grammar(grammar)
