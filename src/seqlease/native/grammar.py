@@ -8,14 +8,19 @@ Two generations of the binding compile grammars differently:
 * 0.2: ``LlamaGrammar.from_string`` parses in Python and raises on a bad grammar.
 
 JSON Schemas become GBNF through the binding's own converter, a port of llama.cpp's
-``json_schema_to_grammar``: its output is what the llama.cpp it ships accepts.
+``json_schema_to_grammar``: its output is what the llama.cpp it ships accepts. The port lags
+the original (0.3.36 still ignores an integer's ``minimum``/``maximum``), and a keyword it
+ignores lets replies through that break the schema. So each constraint is probed first: does
+its node convert to another grammar without it? If not, the schema is refused, naming the
+keyword, rather than answered with a reply that may not validate.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -25,6 +30,35 @@ from seqlease.native.library import llama_log_lines
 __all__ = ["binding_grammar", "check_grammar", "grammar_sampler", "schema_to_gbnf"]
 
 _ROOT = b"root"
+
+# The port's JSON string character lets raw control characters through (a newline inside a
+# string), which no JSON parser accepts; llama.cpp's own converter has excluded them since 2024.
+_PORT_CHAR = r'char ::= [^"\\] |'
+_JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
+
+#: Keywords that restrict what validates (``format`` is only an annotation by default).
+_CONSTRAINTS = (
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "minItems",
+    "maxItems",
+    "uniqueItems",
+    "contains",
+    "minProperties",
+    "maxProperties",
+    "propertyNames",
+    "patternProperties",
+    "dependentRequired",
+    "not",
+)
+#: Keywords whose value maps names to schemas (a property called "maximum" is no keyword).
+_NAMED_SCHEMAS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
 def _grammar_module() -> ModuleType:
@@ -39,19 +73,66 @@ def schema_to_gbnf(schema: Mapping[str, Any]) -> str:
 
     """
     try:
-        text = json.dumps(schema)
+        text = json.dumps(schema, sort_keys=True)
     except (TypeError, ValueError) as exc:
         raise GrammarError(f"json_schema is not JSON-serialisable: {exc}") from exc
-    convert = getattr(_grammar_module(), "json_schema_to_gbnf", None)
-    if convert is None:
+    if getattr(_grammar_module(), "json_schema_to_gbnf", None) is None:
         raise GrammarError(
             "this llama-cpp-python has no JSON Schema converter "
             "(llama_cpp.llama_grammar.json_schema_to_gbnf): pass grammar= in GBNF, or upgrade"
         )
+    defs = {key: schema[key] for key in ("$defs", "definitions") if key in schema}
+    ignored = [
+        f"{key} at {path}"
+        for path, node in _nodes(schema, "#")
+        for key in _CONSTRAINTS
+        if key in node and _ignores(_probe(node, defs), _probe(node, defs, drop=key))
+    ]
+    if ignored:
+        raise GrammarError(
+            f"json_schema uses {', '.join(ignored)}, which this llama-cpp-python's JSON Schema "
+            "converter does not enforce, so a reply could break the schema: remove it and "
+            "check the value after parsing, or write the grammar= in GBNF"
+        )
+    return _convert(text)
+
+
+@functools.lru_cache(maxsize=256)
+def _convert(text: str) -> str:
+    convert: Callable[[str], str] = _grammar_module().json_schema_to_gbnf
     try:
-        return str(convert(text))
+        grammar = str(convert(text))
     except Exception as exc:  # the converter raises whatever its code hits on a bad schema
         raise GrammarError(f"json_schema cannot be turned into a grammar: {exc!r}") from exc
+    return grammar.replace(_PORT_CHAR, _JSON_CHAR)
+
+
+def _nodes(node: object, path: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    if isinstance(node, Mapping):
+        yield path, node
+        for key, value in node.items():
+            if key in _NAMED_SCHEMAS and isinstance(value, Mapping):
+                for name, sub in value.items():
+                    yield from _nodes(sub, f"{path}/{key}/{name}")
+            elif key not in ("enum", "const", "default", "examples"):
+                yield from _nodes(value, f"{path}/{key}")
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from _nodes(item, f"{path}/{i}")
+
+
+def _probe(node: Mapping[str, Any], defs: Mapping[str, Any], drop: str | None = None) -> str:
+    """``node`` as a schema of its own (with the root's definitions), less ``drop``, as JSON."""
+    probe = {**defs, **{key: value for key, value in node.items() if key != drop}}
+    return json.dumps(probe, sort_keys=True)
+
+
+def _ignores(with_key: str, without: str) -> bool:
+    """Whether the converter gives the same grammar for both schemas."""
+    try:
+        return _convert(with_key) == _convert(without)
+    except GrammarError:
+        return False  # the converter refuses the keyword: converting the schema will say so
 
 
 def grammar_sampler(lib: ModuleType, vocab: Any, text: str) -> Any:
