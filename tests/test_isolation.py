@@ -95,10 +95,10 @@ def _fault_when_starting(mp: pytest.MonkeyPatch, ctx: seqlease.Context) -> None:
 def _fault_building_the_sampler(mp: pytest.MonkeyPatch, ctx: seqlease.Context) -> None:
     real = engine_module.build_sampler
 
-    def build(lib, params, n_vocab):  # type: ignore[no-untyped-def]
+    def build(lib, params, model):  # type: ignore[no-untyped-def]
         if params.seed == FAULT_SEED:
             raise MemoryError("injected: sampler chain could not be built")
-        return real(lib, params, n_vocab)
+        return real(lib, params, model)
 
     mp.setattr(engine_module, "build_sampler", build)
 
@@ -109,14 +109,14 @@ def _fault_when_sampling(mp: pytest.MonkeyPatch, ctx: seqlease.Context) -> None:
     class Faulty(SamplerChain):
         draws = 0
 
-        def sample(self, ctx_ptr: object, index: int) -> int:
+        def sample(self, context: object, row: int) -> int:
             self.draws += 1
             if self.draws == 3:
                 raise RuntimeError("injected: sampling failed")
-            return super().sample(ctx_ptr, index)
+            return super().sample(context, row)  # type: ignore[arg-type]
 
-    def build(lib, params, n_vocab):  # type: ignore[no-untyped-def]
-        chain = real(lib, params, n_vocab)
+    def build(lib, params, model):  # type: ignore[no-untyped-def]
+        chain = real(lib, params, model)
         if params.seed == FAULT_SEED:
             chain.__class__ = Faulty
         return chain

@@ -34,7 +34,7 @@ from seqlease.errors import (
     SeqleaseError,
 )
 from seqlease.model_path import check_model_file
-from seqlease.native.grammar import binding_grammar
+from seqlease.native.grammar import Grammar
 from seqlease.native.library import load_library
 from seqlease.native.model import NativeModel
 from seqlease.native.params import check_kv_shape, kv_cache_bytes, llama_kwargs
@@ -210,33 +210,41 @@ class CompletionBackend(JobWorker):
         llama.set_seed(seed)
         llama.last_n_tokens_size = p.repeat_last_n
         raw = _RawLogits()
-        tokens = llama.generate(
-            prompt,
-            top_k=p.top_k,
-            top_p=p.top_p,
-            min_p=p.min_p,
-            temp=p.temperature,
-            repeat_penalty=p.repeat_penalty,
-            reset=True,  # keep the common prefix of what Llama holds, evaluate the rest
-            logits_processor=_processors(p, raw),
-            grammar=None if p.grammar is None else binding_grammar(p.grammar),
-        )
+        # The grammar filters the logits before Llama's sampler sees them and is moved on
+        # here, never inside Llama: see seqlease.native.grammar.
+        grammar = None if p.grammar is None else model.grammar(p.grammar)
         try:
-            for token in tokens:
-                logprob = None
-                if p.logprobs and raw.last is not None:
-                    logprob = token_logprob(raw.last, token, p.top_logprobs, model)
-                reason = job.add_token(token, model, logprob)
-                if reason is None and job.n_generated >= limit:
-                    reason = "length"
-                if reason is None and job.should_stop():
-                    reason = "cancelled"
-                if reason is not None:
-                    return reason
-            return "length"  # generate() never ends on its own; kept for the type checker
+            tokens = llama.generate(
+                prompt,
+                top_k=p.top_k,
+                top_p=p.top_p,
+                min_p=p.min_p,
+                temp=p.temperature,
+                repeat_penalty=p.repeat_penalty,
+                reset=True,  # keep the common prefix of what Llama holds, evaluate the rest
+                logits_processor=_processors(p, raw, grammar),
+            )
+            try:
+                for token in tokens:
+                    if grammar is not None:
+                        grammar.accept(token)
+                    logprob = None
+                    if p.logprobs and raw.last is not None:
+                        logprob = token_logprob(raw.last, token, p.top_logprobs, model)
+                    reason = job.add_token(token, model, logprob)
+                    if reason is None and job.n_generated >= limit:
+                        reason = "length"
+                    if reason is None and job.should_stop():
+                        reason = "cancelled"
+                    if reason is not None:
+                        return reason
+                return "length"  # generate() never ends on its own; kept for the type checker
+            finally:
+                # Stops Llama between tokens; its next call reuses whatever prefix matches.
+                tokens.close()
         finally:
-            # Stops Llama between tokens; its next call reuses whatever prefix still matches.
-            tokens.close()
+            if grammar is not None:
+                grammar.close()
 
     def _to_evaluate(self, prompt: list[int]) -> int:
         """Prompt tokens ``Llama.generate`` will evaluate, by the rule it applies (0.3.x).
@@ -278,8 +286,8 @@ class _RawLogits:
         return scores
 
 
-def _processors(params: SamplingParams, raw: _RawLogits) -> Any:
-    """The ``LogitsProcessorList`` for logprobs and logit bias, or ``None`` for neither."""
+def _processors(params: SamplingParams, raw: _RawLogits, grammar: Grammar | None) -> Any:
+    """The ``LogitsProcessorList`` for logprobs, logit bias and grammar, or ``None``."""
     from llama_cpp import LogitsProcessorList
 
     processors: list[Any] = []
@@ -294,6 +302,8 @@ def _processors(params: SamplingParams, raw: _RawLogits) -> Any:
             return scores
 
         processors.append(bias)
+    if grammar is not None:
+        processors.append(lambda input_ids, scores: grammar.restrict(scores))
     return LogitsProcessorList(processors) if processors else None
 
 

@@ -210,7 +210,7 @@ class Engine(JobWorker):
             self._active.append(self._active.pop(0))
 
     def _sample(self, job: Job, *, row: int) -> None:
-        token = self._samplers[job].sample(self._native.ptr, row)
+        token = self._samplers[job].sample(self._native, row)
         logprob = None
         if job.params.logprobs:
             logits = self._native.logit_row(row)

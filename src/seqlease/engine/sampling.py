@@ -20,7 +20,7 @@ def build_sampler(lib: ModuleType, params: SamplingParams, model: NativeModel) -
     chain = SamplerChain(lib)
     try:
         if params.grammar is not None:
-            chain.constrain(model.grammar_sampler(params.grammar), model.n_vocab)
+            chain.constrain(model.grammar(params.grammar))
         if params.logit_bias:
             chain.logit_bias(model.n_vocab, params.logit_bias)
         # Penalties scan the candidates: after top-k they look at k tokens, not the vocabulary.

@@ -31,14 +31,11 @@ class Candidates:
         self._one = (lib.llama_token_data * 1)()
         self._single = lib.llama_token_data_array()
 
-    def choose(self, logits: Any, *samplers: Any) -> int:
-        """Fill from ``logits`` (a ``float *`` of ``n_vocab``), apply ``samplers``, pick.
-
-        The last sampler must select a token (a chain ending in greedy or a seeded draw).
-        """
+    def load(self, logits: Any) -> None:
+        """Start over from one row of logits (``n_vocab`` floats, by token id)."""
         view = self._view
         view["id"] = self._ids
-        view["logit"] = np.ctypeslib.as_array(logits, shape=(self._n_vocab,))
+        view["logit"] = logits
         view["p"] = 0.0
         array = self._array
         # A sampler may point ``data`` at a buffer of its own: start from ours every time.
@@ -46,11 +43,26 @@ class Candidates:
         array.size = self._n_vocab
         array.selected = -1
         array.sorted = False
-        for sampler in samplers:
-            self._lib.llama_sampler_apply(sampler, ctypes.byref(array))
+
+    def apply(self, sampler: Any) -> None:
+        """Let ``sampler`` filter, reorder or choose among the candidates."""
+        self._lib.llama_sampler_apply(sampler, ctypes.byref(self._array))
+
+    def selected(self) -> int:
+        """The token the last sampler applied chose."""
+        array = self._array
         if not 0 <= array.selected < array.size:
             raise NativeError(f"llama.cpp's sampler chose no token (selected={array.selected})")
         return int(array.data[array.selected].id)
+
+    def logits(self) -> Any:
+        """The current logits by token id (``-inf`` for a candidate a sampler ruled out).
+
+        Only for samplers that neither drop nor move candidates (a grammar).
+        """
+        out = np.full(self._n_vocab, -np.inf, dtype=np.float32)
+        out[self._view["id"]] = self._view["logit"]
+        return out
 
     def allows(self, sampler: Any, token: int) -> bool:
         """Whether ``sampler`` (a grammar) leaves ``token`` a finite logit."""

@@ -1,11 +1,10 @@
 """GBNF grammars and JSON Schemas through what the installed llama-cpp-python offers.
 
-Two generations of the binding compile grammars differently:
-
-* 0.3 and later: llama.cpp parses the text itself (``llama_sampler_init_grammar``), returning
-  NULL, and logging why, for a grammar it cannot use; ``Llama`` takes a ``LlamaGrammar`` that
-  only holds the text.
-* 0.2: ``LlamaGrammar.from_string`` parses in Python and raises on a bad grammar.
+llama.cpp parses a grammar itself (``llama_sampler_init_grammar``, llama-cpp-python 0.3 and
+later), returning NULL, and logging why, for one it cannot use. Both backends keep a reply's
+grammar in a :class:`Grammar` of their own, never in ``Llama``'s sampler: llama.cpp aborts the
+process when a grammar is made to accept a token it refuses, which happens when it allows no
+token at all, so every token is checked before it is accepted.
 
 JSON Schemas become GBNF through the binding's own converter, a port of llama.cpp's
 ``json_schema_to_grammar``: its output is what the llama.cpp it ships accepts. The port lags
@@ -25,9 +24,10 @@ from types import ModuleType
 from typing import Any
 
 from seqlease.errors import GrammarError
-from seqlease.native.library import llama_log_lines
+from seqlease.native.candidates import Candidates
+from seqlease.native.library import binding_version, llama_log_lines
 
-__all__ = ["binding_grammar", "check_grammar", "grammar_sampler", "schema_to_gbnf"]
+__all__ = ["Grammar", "check_grammar", "grammar_sampler", "schema_to_gbnf"]
 
 _ROOT = b"root"
 
@@ -139,40 +139,85 @@ def grammar_sampler(lib: ModuleType, vocab: Any, text: str) -> Any:
     """A new llama.cpp grammar sampler for ``text`` (free it with ``llama_sampler_free``).
 
     Raises:
-        GrammarError: llama.cpp cannot parse the grammar; the message gives its reason.
+        GrammarError: llama.cpp cannot parse the grammar (the message gives its reason), or
+            the binding predates llama.cpp's sampler API.
 
     """
+    if not hasattr(lib, "llama_sampler_init_grammar"):
+        raise GrammarError(
+            f"grammars need llama-cpp-python 0.3 or later (this is {binding_version()}): "
+            "its llama.cpp lacks the grammar sampler; upgrade llama-cpp-python"
+        )
     with llama_log_lines() as lines:
         sampler = lib.llama_sampler_init_grammar(vocab, text.encode("utf-8"), _ROOT)
     if not sampler:
         reason = next((line.strip() for line in lines if line.strip()), "no reason logged")
         raise GrammarError(
-            f"llama.cpp cannot use this grammar ({reason}); check its syntax and that it "
-            "defines `root` and every rule it uses (GBNF: see llama.cpp's grammars/README.md)"
+            f"llama.cpp cannot use this grammar ({reason}; its parser's own message is on "
+            "stderr); check the syntax, and that it defines `root` and every rule it uses"
         )
     return sampler
 
 
 def check_grammar(lib: ModuleType, vocab: Any, text: str) -> None:
-    """Raise :class:`GrammarError` unless the installed binding can compile ``text``."""
-    if hasattr(lib, "llama_sampler_init_grammar"):
-        lib.llama_sampler_free(grammar_sampler(lib, vocab, text))
-    else:
-        binding_grammar(text)
+    """Raise :class:`GrammarError` unless llama.cpp can compile ``text``."""
+    lib.llama_sampler_free(grammar_sampler(lib, vocab, text))
 
 
-def binding_grammar(text: str) -> Any:
-    """``text`` as the ``LlamaGrammar`` that ``Llama.generate`` takes.
+class Grammar:
+    """Where one reply stands in its grammar, and the tokens that may come next.
 
-    Raises:
-        GrammarError: the binding's own parser (0.2.x) rejects the grammar.
-
+    Owns a llama.cpp grammar sampler; used by one worker thread. A token is accepted only
+    after the grammar was asked whether it allows it.
     """
-    cls = _grammar_module().LlamaGrammar
-    try:
-        return cls.from_string(text, verbose=False)
-    except Exception as exc:  # 0.2.x's parser raises ValueError, KeyError or IndexError
-        raise GrammarError(
-            f"llama-cpp-python cannot parse this grammar ({exc!r}); check its syntax and "
-            "that it defines `root` and every rule it uses"
-        ) from exc
+
+    def __init__(self, lib: ModuleType, sampler: Any, n_vocab: int) -> None:
+        """Take ownership of ``sampler`` (from :func:`grammar_sampler`)."""
+        self._lib = lib
+        self._ptr: Any = sampler
+        try:
+            self._candidates = Candidates(lib, n_vocab)
+        except BaseException:
+            self.close()
+            raise
+
+    def allows(self, token: int) -> bool:
+        """Whether the grammar allows ``token`` next."""
+        return self._candidates.allows(self._ptr, token)
+
+    def pick(self, logits: Any, chain: Any, *, constrained: bool) -> int:
+        """The token ``chain`` chooses from ``logits``, among those allowed if ``constrained``."""
+        candidates = self._candidates
+        candidates.load(logits)
+        if constrained:
+            candidates.apply(self._ptr)
+        candidates.apply(chain)
+        return candidates.selected()
+
+    def restrict(self, logits: Any) -> Any:
+        """``logits`` (by token id) with ``-inf`` for every token the grammar refuses."""
+        candidates = self._candidates
+        candidates.load(logits)
+        candidates.apply(self._ptr)
+        return candidates.logits()
+
+    def accept(self, token: int) -> None:
+        """Move past ``token``.
+
+        Raises:
+            GrammarError: the grammar refuses ``token``: it allowed none of the model's tokens
+                here, and the sampler had to draw one anyway.
+
+        """
+        if not self.allows(token):
+            raise GrammarError(
+                "the grammar allows none of this model's tokens at this point of the reply: "
+                "check that every character it asks for can be written by the model"
+            )
+        self._lib.llama_sampler_accept(self._ptr, token)
+
+    def close(self) -> None:
+        """Free the grammar sampler; idempotent."""
+        if self._ptr is not None:
+            self._lib.llama_sampler_free(self._ptr)
+            self._ptr = None

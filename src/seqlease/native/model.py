@@ -11,7 +11,7 @@ from typing import Any
 
 from seqlease.errors import ContextClosedError, ModelLoadError
 from seqlease.model_path import check_model_file
-from seqlease.native.grammar import check_grammar, grammar_sampler
+from seqlease.native.grammar import Grammar, check_grammar, grammar_sampler
 from seqlease.native.names import bound
 from seqlease.native.params import KvShape, model_params
 from seqlease.options import ModelOptions
@@ -140,10 +140,11 @@ class NativeModel:
         with self._lock:
             check_grammar(self._lib, self._live_vocab(), text)
 
-    def grammar_sampler(self, text: str) -> Any:
-        """A new llama.cpp grammar sampler for ``text``; the caller frees it."""
+    def grammar(self, text: str) -> Grammar:
+        """A new :class:`Grammar` for one reply; the caller closes it."""
         with self._lock:
-            return grammar_sampler(self._lib, self._live_vocab(), text)
+            sampler = grammar_sampler(self._lib, self._live_vocab(), text)
+        return Grammar(self._lib, sampler, self.n_vocab)
 
     def is_recurrent(self) -> bool:
         """Whether the model keeps recurrent state (partial KV removal fails on those)."""

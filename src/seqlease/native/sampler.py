@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from typing_extensions import Self
 
-from seqlease.errors import GrammarError, SeqleaseError
-from seqlease.native.candidates import Candidates
+from seqlease.errors import SeqleaseError
+from seqlease.native.grammar import Grammar
+
+if TYPE_CHECKING:
+    from seqlease.native.context import NativeContext
 
 __all__ = ["SamplerChain"]
 
@@ -34,8 +37,7 @@ class SamplerChain:
         if not chain:
             raise SeqleaseError("llama.cpp could not create a sampler chain")
         self._ptr: Any = chain
-        self._grammar: Any = None
-        self._candidates: Candidates | None = None
+        self._grammar: Grammar | None = None
 
     def _add(self, stage: Any) -> Self:
         if not stage:
@@ -52,10 +54,9 @@ class SamplerChain:
         # llama.cpp copies the entries: they need not outlive this call.
         return self._add(lib.llama_sampler_init_logit_bias(n_vocab, len(biases), entries))
 
-    def constrain(self, grammar: Any, n_vocab: int) -> Self:
-        """Only let tokens through that ``grammar`` (a grammar sampler, now owned) allows."""
+    def constrain(self, grammar: Grammar) -> Self:
+        """Only let tokens through that ``grammar`` (now owned by the chain) allows."""
         self._grammar = grammar
-        self._candidates = Candidates(self._lib, n_vocab)
         return self
 
     def top_k(self, k: int) -> Self:
@@ -96,30 +97,23 @@ class SamplerChain:
             f"{len(init.argtypes)} arguments; use repeat_penalty=1.0 or upgrade the binding"
         )
 
-    def sample(self, ctx_ptr: Any, index: int) -> int:
-        """Draw a token from the logits of batch row ``index`` (and accept it into the chain).
+    def sample(self, context: NativeContext, row: int) -> int:
+        """Draw a token from the logits of batch ``row`` (and accept it into the chain).
 
         Raises:
             GrammarError: the grammar allows no token at all here (accepting one it refuses
                 would abort the process).
 
         """
-        lib, grammar = self._lib, self._grammar
-        if grammar is None or self._candidates is None:
-            return int(lib.llama_sampler_sample(self._ptr, ctx_ptr, index))
-        logits = lib.llama_get_logits_ith(ctx_ptr, index)
-        if not logits:
-            raise SeqleaseError(f"llama.cpp has no logits for batch row {index}")
-        candidates = self._candidates
-        token = candidates.choose(logits, self._ptr)
-        if not candidates.allows(grammar, token):
-            token = candidates.choose(logits, grammar, self._ptr)
-            if not candidates.allows(grammar, token):
-                raise GrammarError(
-                    "the grammar allows none of the model's tokens at this point of the reply"
-                )
-        lib.llama_sampler_accept(grammar, token)
-        lib.llama_sampler_accept(self._ptr, token)
+        grammar = self._grammar
+        if grammar is None:
+            return int(self._lib.llama_sampler_sample(self._ptr, context.ptr, row))
+        logits = context.logit_row(row)
+        token = grammar.pick(logits, self._ptr, constrained=False)
+        if not grammar.allows(token):
+            token = grammar.pick(logits, self._ptr, constrained=True)
+        grammar.accept(token)
+        self._lib.llama_sampler_accept(self._ptr, token)
         return token
 
     def accept(self, token: int) -> None:
@@ -132,5 +126,5 @@ class SamplerChain:
             self._lib.llama_sampler_free(self._ptr)
             self._ptr = None
         if self._grammar is not None:
-            self._lib.llama_sampler_free(self._grammar)
+            self._grammar.close()
             self._grammar = None
