@@ -7,6 +7,7 @@ and pytest. In the main suite it runs on the newest release like every other tes
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import pytest
 
 import seqlease
 from seqlease.backends.session import SessionBackend
+from seqlease.native.grammar import grammars_unsupported
 from seqlease.native.library import load_library
 
 #: The per-sequence memory API that each release binds, from the releases' own sources (see
@@ -278,3 +280,53 @@ def test_gpu_offload_is_reported_and_refused_on_a_cpu_build() -> None:
         seqlease.Context(sequences=1, n_ctx=256, n_threads=1, n_gpu_layers=8)
     with seqlease.Context(sequences=1, n_ctx=256, n_threads=1) as ctx:
         assert ctx.model_options.n_gpu_layers == 0
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"colour": {"enum": ["red", "green"]}, "count": {"type": "integer"}},
+    "required": ["colour", "count"],
+}
+
+
+def structured_replies(ctx: seqlease.Context) -> None:
+    """A schema, a grammar, bad grammars, logprobs and a bias on one Context."""
+    with ctx.lease(timeout=0) as seq:
+        if grammars_unsupported(load_library()) is not None:
+            # 0.3.8 and older: refused at the call, whatever the grammar.
+            with pytest.raises(seqlease.GrammarError, match=r"0\.3\.9 or later"):
+                seq.generate("JSON:", json_schema=SCHEMA)
+            with pytest.raises(seqlease.GrammarError, match=r"0\.3\.9 or later"):
+                seq.generate("Yes or no?", grammar='root ::= "yes" | "no"')
+        else:
+            reply = seq.generate("JSON:", json_schema=SCHEMA, max_tokens=64, seed=1).result()
+            parsed = json.loads(reply.text)
+            assert parsed["colour"] in ("red", "green") and isinstance(parsed["count"], int)
+            choice = seq.generate("Yes or no?", grammar='root ::= "yes" | "no"', max_tokens=4)
+            assert choice.result().text in ("yes", "no")
+            with pytest.raises(seqlease.GrammarError):
+                seq.generate("Hi", grammar="root ::= undefined")
+            with pytest.raises(seqlease.GrammarError):  # allows no token: fails, never aborts
+                seq.generate("Hi", grammar="root ::= [\\x00]", max_tokens=2).result()
+        logprobs_and_bias(seq)
+
+
+def logprobs_and_bias(seq: seqlease.Sequence) -> None:
+    first = seq.generate(PROMPT, max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
+    result = first.result()
+    assert result.logprobs is not None and len(result.logprobs) == result.n_generated
+    best = result.logprobs[0]
+    assert best.top[0][1] == pytest.approx(best.logprob) and best.logprob <= 0
+    banned = seq.generate(
+        PROMPT, max_tokens=1, temperature=0, logprobs=True, logit_bias={best.token: -100}
+    ).result()
+    assert banned.logprobs is not None and banned.logprobs[0].token != best.token
+
+
+def test_structured_output_on_the_session_backend(ctx: seqlease.Context) -> None:
+    structured_replies(ctx)
+
+
+def test_structured_output_on_the_completion_backend() -> None:
+    with seqlease.Context(sequences=1, n_ctx=256, n_threads=1, backend="completion") as ctx:
+        structured_replies(ctx)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import re
 from collections.abc import Callable, Iterator, Mapping
 from types import ModuleType
 from typing import Any
@@ -27,7 +28,13 @@ from seqlease.errors import GrammarError
 from seqlease.native.candidates import Candidates
 from seqlease.native.library import binding_version, llama_log_lines
 
-__all__ = ["Grammar", "check_grammar", "grammar_sampler", "schema_to_gbnf"]
+__all__ = [
+    "Grammar",
+    "check_grammar",
+    "grammar_sampler",
+    "grammars_unsupported",
+    "schema_to_gbnf",
+]
 
 _ROOT = b"root"
 
@@ -140,14 +147,12 @@ def grammar_sampler(lib: ModuleType, vocab: Any, text: str) -> Any:
 
     Raises:
         GrammarError: llama.cpp cannot parse the grammar (the message gives its reason), or
-            the binding predates llama.cpp's sampler API.
+            the binding cannot be trusted with grammars (:func:`grammars_unsupported`).
 
     """
-    if not hasattr(lib, "llama_sampler_init_grammar"):
-        raise GrammarError(
-            f"grammars need llama-cpp-python 0.3 or later (this is {binding_version()}): "
-            "its llama.cpp lacks the grammar sampler; upgrade llama-cpp-python"
-        )
+    unsupported = grammars_unsupported(lib)
+    if unsupported is not None:
+        raise GrammarError(f"grammars need llama-cpp-python 0.3.9 or later: {unsupported}")
     with llama_log_lines() as lines:
         sampler = lib.llama_sampler_init_grammar(vocab, text.encode("utf-8"), _ROOT)
     if not sampler:
@@ -159,9 +164,23 @@ def grammar_sampler(lib: ModuleType, vocab: Any, text: str) -> Any:
     return sampler
 
 
+def grammars_unsupported(lib: ModuleType) -> str | None:
+    """Why the installed binding cannot run grammars safely, or ``None`` when it can."""
+    version = binding_version()
+    if not hasattr(lib, "llama_sampler_init_grammar"):
+        return f"{version} predates llama.cpp's grammar sampler"
+    release = tuple(int(part) for part in re.findall(r"\d+", version or "")[:3])
+    if release and release < (0, 3, 9):
+        # Measured on 0.3.8: an undefined rule, a missing root, left recursion all give a
+        # sampler whose grammar is empty, so the reply would not be constrained at all.
+        return f"{version} turns a grammar it cannot parse into one that constrains nothing"
+    return None
+
+
 def check_grammar(lib: ModuleType, vocab: Any, text: str) -> None:
     """Raise :class:`GrammarError` unless llama.cpp can compile ``text``."""
-    lib.llama_sampler_free(grammar_sampler(lib, vocab, text))
+    sampler = grammar_sampler(lib, vocab, text)
+    lib.llama_sampler_free(sampler)
 
 
 class Grammar:
