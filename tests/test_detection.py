@@ -370,3 +370,24 @@ def test_doctor_reports_other_generations(
         assert "no backend can run on this llama-cpp-python" in out
     else:
         assert re.search(r"^status +ready$", out, re.M)
+
+
+@pytest.mark.parametrize(
+    ("make", "version", "grammars"),
+    [
+        (fb.binding_0_2_x, "0.2.90", False),  # no grammar sampler
+        (fb.binding_0_3_8, "0.3.8", False),  # a grammar it cannot parse constrains nothing
+        (fb.binding_0_3_9, "0.3.9", True),
+        (fb.binding_0_3_16, "0.3.16", True),
+        (fb.binding_newest, "0.3.36", True),
+    ],
+)
+def test_grammars_need_a_binding_that_refuses_bad_ones(
+    make: Any, version: str, grammars: bool
+) -> None:
+    caps = detect_from(make(), fb.FakeLlama, version)
+    assert caps.grammars is grammars
+    line = next(r for r in caps.reasons if r.startswith("grammars and JSON schemas"))
+    assert ("unavailable" in line) is not grammars
+    if not grammars:
+        assert version in line

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from seqlease.native import names
 from seqlease.native.devices import list_devices
+from seqlease.native.grammar import grammars_unsupported
 from seqlease.native.library import binding_version, load_library
 from seqlease.native.memory import MemoryApiName, resolve_memory_api
 from seqlease.native.params import llama_unhonoured, unhonoured
@@ -48,6 +49,8 @@ class Capabilities:
     devices: tuple[str, ...] = ()
     #: Options this binding cannot honour, ``"option: why"``: asking for them raises.
     unhonoured: tuple[str, ...] = ()
+    #: Whether ``grammar=`` and ``json_schema=`` can be used (the reasons say why not).
+    grammars: bool = False
 
 
 def detect_from(lib: Any, llama_class: Any, version: str | None) -> Capabilities:
@@ -92,6 +95,12 @@ def detect_from(lib: Any, llama_class: Any, version: str | None) -> Capabilities
     reasons.append(
         f"recommended backend: {backend}" if backend else "no backend can run on this binding"
     )
+    no_grammars = grammars_unsupported(lib, version)
+    reasons.append(
+        "grammars and JSON schemas: llama.cpp's grammar sampler"
+        if no_grammars is None
+        else f"grammars and JSON schemas unavailable: {no_grammars}"
+    )
     system_info = None
     info_fn = getattr(lib, "llama_print_system_info", None)
     if info_fn is not None:
@@ -115,6 +124,7 @@ def detect_from(lib: Any, llama_class: Any, version: str | None) -> Capabilities
         system_info=system_info,
         gpu_offload="n_gpu_layers" not in refused,
         unhonoured=tuple(f"{', '.join(options)}: {why}" for why, options in by_reason.items()),
+        grammars=no_grammars is None,
     )
 
 

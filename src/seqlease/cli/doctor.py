@@ -158,6 +158,7 @@ def diagnose(*, model: str | os.PathLike[str] | None = None, load: bool = False)
         report.add("GPU offload", "supported" if caps.gpu_offload else "no (a CPU-only build)")
         report.add("devices", list(caps.devices) or ["unknown (this build cannot list them)"])
         report.add("options refused", list(caps.unhonoured) or ["none"])
+        report.add("grammars", "yes (grammar=, json_schema=)" if caps.grammars else "no")
         _threads(report, caps.system_info or "")
         if caps.backend is None:
             report.problems.append("no backend can run on this llama-cpp-python")

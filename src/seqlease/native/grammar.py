@@ -150,7 +150,7 @@ def grammar_sampler(lib: ModuleType, vocab: Any, text: str) -> Any:
             the binding cannot be trusted with grammars (:func:`grammars_unsupported`).
 
     """
-    unsupported = grammars_unsupported(lib)
+    unsupported = grammars_unsupported(lib, binding_version())
     if unsupported is not None:
         raise GrammarError(f"grammars need llama-cpp-python 0.3.9 or later: {unsupported}")
     with llama_log_lines() as lines:
@@ -164,9 +164,8 @@ def grammar_sampler(lib: ModuleType, vocab: Any, text: str) -> Any:
     return sampler
 
 
-def grammars_unsupported(lib: ModuleType) -> str | None:
-    """Why the installed binding cannot run grammars safely, or ``None`` when it can."""
-    version = binding_version()
+def grammars_unsupported(lib: Any, version: str | None) -> str | None:
+    """Why binding ``lib`` (release ``version``) cannot run grammars safely, or ``None``."""
     if not hasattr(lib, "llama_sampler_init_grammar"):
         return f"{version} predates llama.cpp's grammar sampler"
     release = tuple(int(part) for part in re.findall(r"\d+", version or "")[:3])
