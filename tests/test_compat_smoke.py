@@ -18,7 +18,6 @@ import pytest
 
 import seqlease
 from seqlease.backends.session import SessionBackend
-from seqlease.native.grammar import grammars_unsupported
 from seqlease.native.library import load_library
 
 #: The per-sequence memory API that each release binds, from the releases' own sources (see
@@ -292,7 +291,7 @@ SCHEMA = {
 def structured_replies(ctx: seqlease.Context) -> None:
     """A schema, a grammar, bad grammars, logprobs and a bias on one Context."""
     with ctx.lease(timeout=0) as seq:
-        if grammars_unsupported(load_library()) is not None:
+        if not seqlease.detect().grammars:
             # 0.3.8 and older: refused at the call, whatever the grammar.
             with pytest.raises(seqlease.GrammarError, match=r"0\.3\.9 or later"):
                 seq.generate("JSON:", json_schema=SCHEMA)

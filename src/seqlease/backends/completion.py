@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import re
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -194,7 +195,7 @@ class CompletionBackend(JobWorker):
 
     def _generate(self, job: Job) -> FinishReason:
         """Under the guard: stream one reply into ``job`` and return why it ended."""
-        llama, model, p = self.llama, self.model, job.params
+        llama, p = self.llama, job.params
         prompt = job.prompt
         # Both limits as the session backend has them: max_tokens, and prompt plus reply
         # within n_ctx. Llama's own check would allow more: llama.cpp rounds the context up
@@ -212,7 +213,7 @@ class CompletionBackend(JobWorker):
         raw = _RawLogits()
         # The grammar filters the logits before Llama's sampler sees them and is moved on
         # here, never inside Llama: see seqlease.native.grammar.
-        grammar = None if p.grammar is None else model.grammar(p.grammar)
+        grammar = None if p.grammar is None else self.model.grammar(p.grammar)
         try:
             tokens = llama.generate(
                 prompt,
@@ -225,26 +226,38 @@ class CompletionBackend(JobWorker):
                 logits_processor=_processors(p, raw, grammar),
             )
             try:
-                for token in tokens:
-                    if grammar is not None:
-                        grammar.accept(token)
-                    logprob = None
-                    if p.logprobs and raw.last is not None:
-                        logprob = token_logprob(raw.last, token, p.top_logprobs, model)
-                    reason = job.add_token(token, model, logprob)
-                    if reason is None and job.n_generated >= limit:
-                        reason = "length"
-                    if reason is None and job.should_stop():
-                        reason = "cancelled"
-                    if reason is not None:
-                        return reason
-                return "length"  # generate() never ends on its own; kept for the type checker
+                return self._follow(job, tokens, limit, raw, grammar)
             finally:
                 # Stops Llama between tokens; its next call reuses whatever prefix matches.
                 tokens.close()
         finally:
             if grammar is not None:
                 grammar.close()
+
+    def _follow(
+        self,
+        job: Job,
+        tokens: Iterator[int],
+        limit: int,
+        raw: _RawLogits,
+        grammar: Grammar | None,
+    ) -> FinishReason:
+        """Take ``Llama``'s tokens into ``job`` until one ends the reply; why it ended."""
+        model, p = self.model, job.params
+        for token in tokens:
+            if grammar is not None:
+                grammar.accept(token)
+            logprob = None
+            if p.logprobs and raw.last is not None:
+                logprob = token_logprob(raw.last, token, p.top_logprobs, model)
+            reason = job.add_token(token, model, logprob)
+            if reason is None and job.n_generated >= limit:
+                reason = "length"
+            if reason is None and job.should_stop():
+                reason = "cancelled"
+            if reason is not None:
+                return reason
+        return "length"  # generate() never ends on its own; kept for the type checker
 
     def _to_evaluate(self, prompt: list[int]) -> int:
         """Prompt tokens ``Llama.generate`` will evaluate, by the rule it applies (0.3.x).

@@ -1,10 +1,11 @@
 """GBNF grammars and JSON Schemas through what the installed llama-cpp-python offers.
 
-llama.cpp parses a grammar itself (``llama_sampler_init_grammar``, llama-cpp-python 0.3 and
-later), returning NULL, and logging why, for one it cannot use. Both backends keep a reply's
-grammar in a :class:`Grammar` of their own, never in ``Llama``'s sampler: llama.cpp aborts the
-process when a grammar is made to accept a token it refuses, which happens when it allows no
-token at all, so every token is checked before it is accepted.
+llama.cpp parses a grammar itself (``llama_sampler_init_grammar``), returning NULL, and logging
+why, for one it cannot use (trusted from llama-cpp-python 0.3.9: see
+:func:`grammars_unsupported`). Both backends keep a reply's grammar in a :class:`Grammar` of
+their own, never in ``Llama``'s sampler: llama.cpp aborts the process when a grammar is made to
+accept a token it refuses, which happens when it allows no token at all, so every token is
+checked before it is accepted.
 
 JSON Schemas become GBNF through the binding's own converter, a port of llama.cpp's
 ``json_schema_to_grammar``: its output is what the llama.cpp it ships accepts. The port lags

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from seqlease.errors import NativeError
-from seqlease.request.logprobs import TokenLogprob
+from seqlease.request.logprobs import Pieces, TokenLogprob
 from seqlease.request.params import SamplingParams
 from seqlease.request.text import TextAssembler
 
@@ -49,15 +49,11 @@ class Result:
     logprobs: tuple[TokenLogprob, ...] | None = None
 
 
-class Vocabulary(Protocol):
+class Vocabulary(Pieces, Protocol):
     """What a job needs of the model to turn a token into reply text."""
 
     def is_eog(self, token: int) -> bool:
         """Whether ``token`` ends generation."""
-        ...
-
-    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
-        """Bytes of one token."""
         ...
 
 
