@@ -181,6 +181,21 @@ answers instead. "set-up s" is the time to create the environment and install th
 source build on a cold pip cache, seconds when cached; 0 for the environment the command runs
 in). CI runs it on every change.
 
+The option rows check what llama.cpp reports back on each release (`llama_n_batch`,
+`llama_n_ubatch`, threads, a `q8_0` KV cache's types and size from its log, the model file in
+the process's memory maps with and without `use_mmap`), and the refusals: `kv_unified=False`
+before 0.3.15, `n_ubatch` on 0.2.90's `Llama` (the completion backend runs there; its `Llama`
+takes no such keyword) and `n_gpu_layers` on a CPU-only build, each a
+`BackendUnavailableError` naming the option and the version. Field renames handled:
+`flash_attn` (to 0.3.16) and `flash_attn_type` (0.3.17+); `use_mmap`/`use_mlock` and
+`load_mode` (newer releases, 0.3.36 among them).
+
+The structured-output rows run a JSON schema, a grammar, bad grammars (refused at the call),
+a grammar that allows no token (fails its reply, never aborts), logprobs and a logit bias.
+Grammars need 0.3.9 or later: 0.3.8's llama.cpp turns a grammar it cannot parse into one that
+constrains nothing, so seqlease refuses grammars there with `GrammarError` (checked in the same
+rows), and 0.2.90 has no grammar sampler; logprobs and logit bias work on every release.
+
 {table(rows)}
 
 On the `kv_cache` generation llama.cpp binds no `seq_pos_max`: seqlease tracks each sequence's
