@@ -285,6 +285,7 @@ def test_a_pydantic_reply_parses_back_into_the_model(ctx: seqlease.Context) -> N
         chat = seqlease.ChatSession(seq, system_prompt="You describe people as JSON.")
         reply = chat.prompt("Describe Ada, 36, who likes cats.", json_schema=Person)
     person = Person.model_validate_json(reply)
+    assert list(json.loads(reply)) == ["name", "age", "likes_cats"]  # the class's order
     assert isinstance(person.age, int)
     assert len(person.name) <= 16
 

@@ -197,10 +197,10 @@ class CompletionBackend(JobWorker):
         """Under the guard: stream one reply into ``job`` and return why it ended."""
         llama, p = self.llama, job.params
         prompt = job.prompt
-        # Both limits as the session backend has them: max_tokens, and prompt plus reply
-        # within n_ctx. Llama's own check would allow more: llama.cpp rounds the context up
+        # Prompt plus reply within n_ctx, as on the session backend (max_tokens is the job's
+        # own check). Llama's own check would allow more: llama.cpp rounds the context up
         # (128 -> 256), while Llama.input_ids holds only the n_ctx it was given.
-        limit = min(p.max_tokens, self.n_ctx - len(prompt))
+        room = self.n_ctx - len(prompt)
         job.n_evaluated = self._to_evaluate(prompt)
         if job.n_evaluated < len(prompt):
             self._hits += 1
@@ -226,7 +226,7 @@ class CompletionBackend(JobWorker):
                 logits_processor=_processors(p, raw, grammar),
             )
             try:
-                return self._follow(job, tokens, limit, raw, grammar)
+                return self._follow(job, tokens, room, raw, grammar)
             finally:
                 # Stops Llama between tokens; its next call reuses whatever prefix matches.
                 tokens.close()
@@ -238,7 +238,7 @@ class CompletionBackend(JobWorker):
         self,
         job: Job,
         tokens: Iterator[int],
-        limit: int,
+        room: int,
         raw: _RawLogits,
         grammar: Grammar | None,
     ) -> FinishReason:
@@ -251,7 +251,7 @@ class CompletionBackend(JobWorker):
             if p.logprobs and raw.last is not None:
                 logprob = token_logprob(raw.last, token, p.top_logprobs, model)
             reason = job.add_token(token, model, logprob)
-            if reason is None and job.n_generated >= limit:
+            if reason is None and job.n_generated >= room:
                 reason = "length"
             if reason is None and job.should_stop():
                 reason = "cancelled"

@@ -55,14 +55,10 @@ class Candidates:
             raise NativeError(f"llama.cpp's sampler chose no token (selected={array.selected})")
         return int(array.data[array.selected].id)
 
-    def logits(self) -> Any:
-        """The current logits by token id (``-inf`` for a candidate a sampler ruled out).
-
-        Only for samplers that neither drop nor move candidates (a grammar).
-        """
-        out = np.full(self._n_vocab, -np.inf, dtype=np.float32)
-        out[self._view["id"]] = self._view["logit"]
-        return out
+    def ruled_out(self) -> Any:
+        """Ids of the candidates a sampler set to ``-inf``."""
+        view = self._view[: self._array.size]
+        return view["id"][np.isneginf(view["logit"])]
 
     def allows(self, sampler: Any, token: int) -> bool:
         """Whether ``sampler`` (a grammar) leaves ``token`` a finite logit."""

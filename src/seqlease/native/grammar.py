@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterator, Mapping
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from seqlease.errors import GrammarError
 from seqlease.native.candidates import Candidates
 from seqlease.native.library import binding_version, llama_log_lines
@@ -81,7 +83,7 @@ def schema_to_gbnf(schema: Mapping[str, Any]) -> str:
 
     """
     try:
-        text = json.dumps(schema, sort_keys=True)
+        text = json.dumps(schema)
     except (TypeError, ValueError) as exc:
         raise GrammarError(f"json_schema is not JSON-serialisable: {exc}") from exc
     if getattr(_grammar_module(), "json_schema_to_gbnf", None) is None:
@@ -89,6 +91,13 @@ def schema_to_gbnf(schema: Mapping[str, Any]) -> str:
             "this llama-cpp-python has no JSON Schema converter "
             "(llama_cpp.llama_grammar.json_schema_to_gbnf): pass grammar= in GBNF, or upgrade"
         )
+    return _schema_grammar(text)
+
+
+@functools.lru_cache(maxsize=256)
+def _schema_grammar(text: str) -> str:
+    """:func:`schema_to_gbnf` of a schema as JSON (a server sends the same one again and again)."""
+    schema = json.loads(text)
     defs = {key: schema[key] for key in ("$defs", "definitions") if key in schema}
     ignored = [
         f"{key} at {path}"
@@ -132,7 +141,7 @@ def _nodes(node: object, path: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
 def _probe(node: Mapping[str, Any], defs: Mapping[str, Any], drop: str | None = None) -> str:
     """``node`` as a schema of its own (with the root's definitions), less ``drop``, as JSON."""
     probe = {**defs, **{key: value for key, value in node.items() if key != drop}}
-    return json.dumps(probe, sort_keys=True)
+    return json.dumps(probe)
 
 
 def _ignores(with_key: str, without: str) -> bool:
@@ -204,21 +213,31 @@ class Grammar:
         """Whether the grammar allows ``token`` next."""
         return self._candidates.allows(self._ptr, token)
 
-    def pick(self, logits: Any, chain: Any, *, constrained: bool) -> int:
-        """The token ``chain`` chooses from ``logits``, among those allowed if ``constrained``."""
+    def pick(self, logits: Any, chain: Any) -> int:
+        """The token ``chain`` chooses from ``logits`` (by token id) that the grammar allows.
+
+        As llama.cpp's own ``common_sampler``: the chain picks from all tokens and the grammar
+        checks only that pick; only when it refuses are all 49k tokens filtered (about 3 ms)
+        and the chain run again on what is left.
+        """
         candidates = self._candidates
         candidates.load(logits)
-        if constrained:
-            candidates.apply(self._ptr)
+        candidates.apply(chain)
+        token = candidates.selected()
+        if self.allows(token):
+            return token
+        candidates.load(logits)
+        candidates.apply(self._ptr)
         candidates.apply(chain)
         return candidates.selected()
 
     def restrict(self, logits: Any) -> Any:
-        """``logits`` (by token id) with ``-inf`` for every token the grammar refuses."""
+        """``logits`` (by token id), set to ``-inf`` in place for every token refused."""
         candidates = self._candidates
         candidates.load(logits)
         candidates.apply(self._ptr)
-        return candidates.logits()
+        logits[candidates.ruled_out()] = -np.inf
+        return logits
 
     def accept(self, token: int) -> None:
         """Move past ``token``.
