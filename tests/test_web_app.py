@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -26,40 +22,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-ROOT = Path(__file__).resolve().parent.parent
+from serving import SHUTDOWN_TIMEOUT, STARTUP_TIMEOUT, Server, serving, stop
+
 SEQUENCES = 2
-STARTUP_TIMEOUT = 90.0
-SHUTDOWN_TIMEOUT = 30.0
 #: Greedy decoding of this prompt runs far past the first chunk: a stream to hang up on.
 LONG_PROMPT = "Write the numbers from 1 to 300 separated by commas."
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> int:
-    """SIGINT, as Ctrl-C: uvicorn shuts down gracefully and runs the lifespan's exit."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-    try:
-        return proc.wait(SHUTDOWN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise
 
 
 @contextmanager
@@ -71,50 +38,31 @@ def _serving(
     Under uvicorn, or with ``flags`` as a script (``python examples/web_app.py *flags``);
     ``env`` adds to (and overrides) the environment.
     """
-    port = _free_port()
-    env = {
-        **os.environ,
+    variables = {
         "SEQLEASE_SEQUENCES": str(SEQUENCES),
         "SEQLEASE_THREADS": "1",
         "SEQLEASE_N_CTX": str(n_ctx),
-        "GGML_NO_BACKTRACE": "1",
         **(env or {}),
     }
-    if flags is None:
-        command = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "examples.web_app:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-access-log",
-        ]
-    else:
+
+    def command(port: int) -> list[str]:
+        if flags is None:
+            return [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "examples.web_app:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-access-log",
+            ]
         script = ["examples/web_app.py", "--host", "127.0.0.1", "--port", str(port)]
-        command = [sys.executable, *script, *flags]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    srv = Server(proc, f"http://127.0.0.1:{port}", log)
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}:\n{srv.output()}")
-            try:
-                if httpx.get(f"{srv.url}/stats", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not answer in {STARTUP_TIMEOUT} s:\n{srv.output()}")
-            time.sleep(0.1)
+        return [sys.executable, *script, *flags]
+
+    with serving(command, log, ready="/stats", env=variables) as srv:
         yield srv
-    finally:
-        if proc.poll() is None:
-            _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -607,7 +555,7 @@ def test_a_prompt_longer_than_the_context_is_a_422_not_a_500(tmp_path):
         assert r.text.startswith("event: error\n")
         assert "ContextOverflowError" in r.text
         assert _settled(small.url)["leased"] == 0
-        assert _stop(small.proc) == 0
+        assert stop(small.proc) == 0
     assert "Traceback" not in small.output(), small.output()
 
 
@@ -629,7 +577,7 @@ def test_the_script_takes_llama_cpp_flags_which_win_over_the_environment(tmp_pat
         r = httpx.post(f"{script.url}/random", json={"max_tokens": 4, "seed": 1}, timeout=30)
         assert r.status_code == 200, r.text
         assert _settled(script.url)["leased"] == 0
-        assert _stop(script.proc) == 0
+        assert stop(script.proc) == 0
     output = script.output()
     assert f"\nllama.cpp: {llama['summary']}\n" in output, output
     assert "Traceback" not in output, output
@@ -694,7 +642,7 @@ def test_a_bad_flag_is_a_usage_error(capsys):
 
 def test_server_shuts_down_cleanly(server):
     assert _settled(server.url)["leased"] == 0
-    assert _stop(server.proc) == 0
+    assert stop(server.proc) == 0
     output = server.output()
     assert "Application shutdown complete" in output, output
     assert "Traceback" not in output, output

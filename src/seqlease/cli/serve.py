@@ -97,6 +97,8 @@ def _handle(args: argparse.Namespace) -> int:
     server = uvicorn.Server(config)
     try:
         server.run()
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises the Ctrl-C it shut down for: a graceful stop is exit 0
     finally:
         ctx.close(timeout=0)  # already closed by the app's shutdown, unless it never started
     return 0 if server.started else 1

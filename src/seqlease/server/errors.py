@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -25,6 +26,8 @@ from seqlease.errors import (
 __all__ = ["ApiError", "error_body", "install_handlers"]
 
 logger = logging.getLogger("seqlease.server")
+
+_FIELD = re.compile(r"^(\d+|(?!(str|int|float|bool|list|dict)$)[a-z_][a-z0-9_]*)$")
 
 #: A value quoted back in a message is cut to this many characters.
 _ECHO_CHARS = 80
@@ -102,13 +105,18 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     if first.get("type") == "json_invalid":
         ctx = first.get("ctx", {})
         return ApiError(400, f"the body is not valid JSON: {ctx.get('error', 'cannot parse')}")
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # Field names and list indices; not "body", nor the union branch pydantic tried
+    # ("str", "list[TextPart]", "function-after[...]").
+    loc = [str(part) for part in first.get("loc", ()) if _FIELD.match(str(part))][1:]
     param = ".".join(loc) or None
-    if isinstance(first.get("input"), bytes) or (not loc and first.get("type") != "missing"):
+    kind = str(first.get("type", ""))
+    if isinstance(first.get("input"), bytes) or (not loc and kind.endswith("_type")):
         message = "the body must be a JSON object, sent as application/json"
+    elif not loc:  # a check of the whole body
+        message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
     else:
-        message = f"{param or 'body'}: {first.get('msg', 'invalid')}"
-        if "input" in first and first.get("type") != "missing":
+        message = f"{param}: {first.get('msg', 'invalid')}"
+        if "input" in first and kind != "missing":
             message += f" (got {_quote(first['input'])})"
     if len(errors) > 1:
         message += f"; and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''}"

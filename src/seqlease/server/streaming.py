@@ -37,6 +37,7 @@ async def _disconnected(receive: Receive) -> None:
 async def until_disconnected(receive: Receive, work: Callable[[], Awaitable[T]]) -> T:
     """``await work()``, cancelled if the client hangs up first (then :class:`ClientGone`)."""
     done: list[T] = []
+    failed: list[Exception] = []
     async with anyio.create_task_group() as group:
 
         async def watch() -> None:
@@ -44,8 +45,13 @@ async def until_disconnected(receive: Receive, work: Callable[[], Awaitable[T]])
             group.cancel_scope.cancel()
 
         group.start_soon(watch)
-        done.append(await work())
+        try:
+            done.append(await work())
+        except Exception as exc:  # raised as itself below, not in an exception group
+            failed.append(exc)
         group.cancel_scope.cancel()  # stops the watcher
+    if failed:
+        raise failed[0]
     if not done:
         raise ClientGone
     return done[0]
