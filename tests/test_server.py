@@ -480,8 +480,8 @@ def test_a_stream_hung_up_on_frees_its_sequence(server):
     hung_up = time.monotonic()
     assert _idle(server.url, timeout=5)["busy"] == 0
     assert time.monotonic() - hung_up < 2  # a step is ~10 ms; allow for a loaded machine
-    # The reply stopped early: far fewer than its 400 tokens were generated (none counted).
-    assert _metrics(server.url)["seqlease_tokens_generated_total"] - generated < 400
+    # The reply stopped early, and the tokens it did generate are counted.
+    assert 0 < _metrics(server.url)["seqlease_tokens_generated_total"] - generated < 400
 
 
 @pytest.mark.timeout(60)

@@ -8,6 +8,7 @@ queue's bound), runs on it, and gives it back, cleared, however the request ends
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -170,6 +171,7 @@ class _Reply:
         self._metrics = metrics
         self._arrived = arrived
         self._first: float | None = None
+        self._counted = False
 
     async def chunks(self) -> AsyncIterator[str]:
         async for chunk in self._generation:
@@ -180,7 +182,9 @@ class _Reply:
 
     async def result(self) -> Result:
         result = await self._generation.result()
-        self._metrics.reply(result, self._first, time.monotonic())
+        if not self._counted:
+            self._counted = True
+            self._metrics.reply(result, self._first, time.monotonic())
         return result
 
     async def finish(self) -> Result:
@@ -190,4 +194,8 @@ class _Reply:
         return await self.result()
 
     async def aclose(self) -> None:
+        """Stop the reply (if it still runs); a reply cut short still counts its tokens."""
         await self._generation.aclose()
+        if not self._counted:
+            with contextlib.suppress(Exception):  # a failed reply was reported already
+                await self.result()
