@@ -564,6 +564,30 @@ def test_the_docs_example_runs_against_the_server(server):
     assert sum(line.startswith("async: ") for line in lines) == 3
 
 
+@pytest.mark.timeout(STARTUP_TIMEOUT + SHUTDOWN_TIMEOUT + 60)
+def test_the_completion_backend_serves_the_same_api(tmp_path):
+    """``--backend completion`` (``Llama``, one reply at a time) behind the same endpoints."""
+    with serving(_command("--backend", "completion"), tmp_path / "log", ready="/health",
+                 env={}) as srv:  # fmt: skip
+        assert _health(srv.url)["backend"] == "completion"
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+        fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+        reply = _chat(client, "Describe a person as JSON.", max_tokens=120, temperature=0.8,
+                      seed=3, response_format=fmt, logprobs=True)  # fmt: skip
+        jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON)
+        assert len(reply.choices[0].logprobs.content) == reply.usage.completion_tokens
+        streamed = "".join(c.choices[0].delta.content or "" for c in _chat(
+            client, "Count to ten.", max_tokens=12, temperature=0, stream=True))  # fmt: skip
+        whole = _chat(client, "Count to ten.", max_tokens=12, temperature=0)
+        assert streamed == whole.choices[0].message.content
+        url = f"{srv.url}/v1/chat/completions"
+        with httpx.Client(timeout=30) as c, c.stream("POST", url, json=_long_body(True)) as r:
+            assert next(r.iter_lines()).startswith("data: {")
+        assert _idle(srv.url)["busy"] == 0
+        assert stop(srv.proc) == 0
+    assert "Traceback" not in srv.output()
+
+
 # -- start-up and shutdown --------------------------------------------------------------------
 
 
