@@ -51,6 +51,14 @@ def stop(proc: subprocess.Popen[bytes]) -> int:
         raise
 
 
+def assert_shut_down_cleanly(srv: Server) -> None:
+    """The server ran its shutdown, with no traceback and no leaked lease on the way."""
+    output = srv.output()
+    assert "Application shutdown complete" in output, output
+    assert "Traceback" not in output, output
+    assert "LeaseLeakWarning" not in output, output
+
+
 @contextmanager
 def serving(
     command: Callable[[int], list[str]], log: Path, *, ready: str, env: dict[str, str]

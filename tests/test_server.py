@@ -25,7 +25,15 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import run_cli
-from serving import ROOT, SHUTDOWN_TIMEOUT, STARTUP_TIMEOUT, Server, serving, stop
+from serving import (
+    ROOT,
+    SHUTDOWN_TIMEOUT,
+    STARTUP_TIMEOUT,
+    Server,
+    assert_shut_down_cleanly,
+    serving,
+    stop,
+)
 
 SEQUENCES = 2
 MAX_WAITING = 4
@@ -616,15 +624,10 @@ def test_shutdown_lets_a_running_stream_finish_then_exits_0(tmp_path):
         assert srv.proc.wait(SHUTDOWN_TIMEOUT) == 0
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{srv.url}/health", timeout=2)
-    output = srv.output()
-    assert "Application shutdown complete" in output, output
-    assert "Traceback" not in output, output
-    assert "LeaseLeakWarning" not in output, output
+    assert_shut_down_cleanly(srv)
 
 
 def test_the_module_server_shuts_down_cleanly(server):
     assert _idle(server.url)["busy"] == 0
     assert stop(server.proc) == 0
-    output = server.output()
-    assert "Application shutdown complete" in output, output
-    assert "Traceback" not in output, output
+    assert_shut_down_cleanly(server)
