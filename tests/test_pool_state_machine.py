@@ -44,7 +44,7 @@ class _Boom(Exception):
 
 
 # Token prompts over the tiny model's vocabulary: three 80-token prefixes (two share 40), each
-# long enough to be copied rather than evaluated (MIN_SHARED is 64).
+# long enough to be copied rather than evaluated (MIN_SHARED tokens or more).
 _PREFIXES = (
     [10 + i % 50 for i in range(80)],
     [10 + i % 50 for i in range(40)] + [70 + i % 30 for i in range(40)],

@@ -22,9 +22,10 @@ __all__ = ["MIN_SHARED", "Prefixes"]
 
 #: Shorter common prefixes are evaluated, not copied (nor waited for): with one KV stream per
 #: sequence a copy moves the whole stream (3 ms for 2,048 cells of SmolLM2-135M here, more
-#: for bigger models and contexts), and a wait delays the first token, while a few dozen
-#: tokens cost little in a shared batch.
-MIN_SHARED = 64
+#: for bigger models and contexts), and a wait delays the first token. Evaluating a prompt
+#: token costs about 4 ms on one CPU thread here, so copying pays from a dozen tokens: a chat
+#: template's default system prompt (30 tokens for SmolLM2) is shared.
+MIN_SHARED = 16
 
 
 class Prefixes:
