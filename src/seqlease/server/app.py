@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from seqlease.context import Context
 from seqlease.server.errors import install_handlers
 from seqlease.server.schemas import ChatCompletionRequest, CompletionRequest
-from seqlease.server.service import Service
+from seqlease.server.service import Prepared, Service
 from seqlease.server.streaming import ClientGone
 
 __all__ = ["create_app"]
@@ -67,7 +67,7 @@ def create_app(
         """A raw-text completion, whole or streamed."""
         return await _answer(request, service.prepare_completion(body))
 
-    async def _answer(request: Request, job: Any) -> Response:
+    async def _answer(request: Request, job: Prepared) -> Response:
         try:
             return await service.respond(request, job)
         except ClientGone:

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -103,7 +103,7 @@ class Service:
 
     def _prepare(
         self,
-        tokenize: Any,
+        tokenize: Callable[[], list[int]],
         limit: int | None,
         reply: ReplyFormat,
         stream: bool,
@@ -111,7 +111,7 @@ class Service:
         **sampling: Any,
     ) -> Prepared:
         try:
-            tokens: list[int] = tokenize()
+            tokens = tokenize()
             check_prompt(tokens, self.ctx.n_ctx)
             # No limit: until the sequence is full, as OpenAI runs to the context's end.
             params = sanitize(max_tokens=limit or self.ctx.n_ctx - len(tokens), **sampling)
