@@ -76,10 +76,10 @@ class ApiError(Exception):
         )
 
     @classmethod
-    def bad_input(cls, exc: Exception, param: str | None = None) -> ApiError:
+    def bad_input(cls, exc: Exception) -> ApiError:
         """The 400 for a value seqlease refused (sampling, prompt, grammar)."""
         code = "context_length_exceeded" if isinstance(exc, ContextOverflowError) else None
-        return cls(400, str(exc), param=param, code=code)
+        return cls(400, str(exc), code=code)
 
 
 def error_body(

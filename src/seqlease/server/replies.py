@@ -76,8 +76,10 @@ class ReplyFormat:
         """A reply from ``model`` (the served model's id) to a request to ``endpoint``."""
         self.endpoint = endpoint
         self.model = model
-        prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
-        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        chat = endpoint == "chat"
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self._kind = "chat.completion" if chat else "text_completion"
+        self._chunk_kind = "chat.completion.chunk" if chat else "text_completion"
         self.created = int(time.time())
 
     def _object(self, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
@@ -105,11 +107,9 @@ class ReplyFormat:
         }
         if self.endpoint == "chat":
             choice["message"] = {"role": "assistant", "content": result.text, "refusal": None}
-            kind = "chat.completion"
         else:
             choice["text"] = result.text
-            kind = "text_completion"
-        return {**self._object(kind, [choice]), "usage": usage(result)}
+        return {**self._object(self._kind, [choice]), "usage": usage(result)}
 
     def chunk(self, text: str, *, first: bool = False) -> dict[str, Any]:
         """A stream chunk carrying ``text`` (the first also says the role, in chat)."""
@@ -124,8 +124,7 @@ class ReplyFormat:
 
     def usage_chunk(self, result: Result) -> dict[str, Any]:
         """The extra chunk of ``stream_options.include_usage``: no choices, the usage."""
-        kind = "chat.completion.chunk" if self.endpoint == "chat" else "text_completion"
-        return {**self._object(kind, []), "usage": usage(result)}
+        return {**self._object(self._chunk_kind, []), "usage": usage(result)}
 
     def _delta(self, text: str, *, first: bool) -> dict[str, Any]:
         if self.endpoint == "completion":
@@ -144,5 +143,4 @@ class ReplyFormat:
             "finish_reason": reason,
             "logprobs": self._logprobs(result) if result is not None else None,
         }
-        kind = "chat.completion.chunk" if self.endpoint == "chat" else "text_completion"
-        return self._object(kind, [choice])
+        return self._object(self._chunk_kind, [choice])

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from seqlease.checks import check_text
+
 __all__ = [
     "ChatCompletionRequest",
     "ChatMessage",
@@ -25,13 +27,8 @@ _INT64 = 1 << 63
 
 
 def _text(value: str) -> str:
-    """Text the tokenizer can take as meant: no lone surrogate, no NUL."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(
-            f"holds a lone surrogate at index {exc.start}: send valid Unicode"
-        ) from None
+    """Text the tokenizer can take as meant: valid Unicode (the library's check), no NUL."""
+    check_text("text", value)
     if "\0" in value:
         raise ValueError(f"holds a NUL character at index {value.index(chr(0))}")
     return value

@@ -72,7 +72,10 @@ class Service:
     def prepare_chat(self, body: ChatCompletionRequest) -> Prepared:
         """The chat's prompt (the model's template) and sampling, or a 400 saying why not."""
         messages = [message.plain() for message in body.messages]
-        stop = [*body.stops(), *self.template.end_of_turn] if body.stop else None
+        # The caller's stop strings end a reply as well as the turn's end, never instead.
+        stop = (
+            [*body.stops(), *self.template.end_of_turn] if body.stop else self.template.default_stop
+        )
         schema = body.response_format.reply_schema() if body.response_format else None
         return self._prepare(
             lambda: self.template.tokenize(self.model, messages),
@@ -80,7 +83,7 @@ class Service:
             ReplyFormat("chat", self.model_id),
             body.stream,
             body.include_usage,
-            stop=stop if stop is not None else self.template.default_stop,
+            stop=stop,
             json_schema=schema,
             logprobs=body.logprobs,
             top_logprobs=body.top_logprobs or 0,
