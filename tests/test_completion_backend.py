@@ -25,6 +25,7 @@ import pytest
 import seqlease
 from helpers import completion_backend
 from seqlease.backends.completion import CompletionBackend
+from seqlease.backends.guard import Guard
 from seqlease.backends.worker import JobWorker
 from seqlease.errors import (
     ContextClosedError,
@@ -220,7 +221,7 @@ class Held:
 def test_identity_and_no_per_sequence_tokens(backend: CompletionBackend) -> None:
     assert backend.name == "completion"
     assert isinstance(backend, JobWorker)  # the worker thread both backends run on
-    assert isinstance(backend._guard, type(threading.RLock()))
+    assert isinstance(backend._guard, Guard)  # one lock type, handed over in arrival order
     run(backend, tokens_of(backend), temperature=0, max_tokens=4)
     # Nothing is kept per sequence: Llama's own prefix cache is not a sequence's memory.
     assert [backend.n_tokens(i) for i in range(OPTIONS["sequences"])] == [0, 0, 0, 0]

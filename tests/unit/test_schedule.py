@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from seqlease.engine.schedule import plan_batch
+from seqlease.engine.schedule import decode_calls, plan_batch
 
 
 class _J:
-    def __init__(self, decoding: bool, pending: int) -> None:
+    def __init__(self, decoding: bool, pending: int, seq_id: int = 0) -> None:
         self.decoding = decoding
         self.pending = list(range(pending))
+        self.seq_id = seq_id
 
 
 def test_plan_batch_decoders_first_then_fair_prefill():
@@ -38,3 +39,16 @@ def test_plan_batch_never_cuts_a_single_token_off_a_prompt():
     # Where the batch has no room for a longer piece, the prompt still moves on.
     assert plan_batch([a], 1, 128) == [(a, 1)]
     assert plan_batch([b], 2, 128) == [(b, 2)]
+
+
+def test_decode_calls_keep_every_piece_whole_on_sequence_streams():
+    # llama.cpp would cut the 4-token piece beside the 3-token one as 3 + 1 (or 1 + 2 + 1
+    # beside a decoder): one call per piece size, decoders first, sequence ids ascending.
+    d0, d5 = _J(True, 0, seq_id=0), _J(True, 0, seq_id=5)
+    a, b, c = _J(False, 3, seq_id=2), _J(False, 4, seq_id=3), _J(False, 4, seq_id=1)
+    plan = [(b, 4), (d5, 1), (a, 3), (c, 4), (d0, 1)]
+    calls = decode_calls(plan, streams=True)
+    assert calls == [[(d0, 1), (d5, 1)], [(a, 3)], [(c, 4), (b, 4)]]
+    # One unified KV buffer is split by order only: one call, as before.
+    assert decode_calls(plan, streams=False) == [[(d0, 1), (c, 4), (a, 3), (b, 4), (d5, 1)]]
+    assert decode_calls([], streams=True) == []

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from seqlease.backends.guard import Guard
+
 __all__ = ["NativeLifetime"]
 
 
@@ -16,7 +18,7 @@ class NativeLifetime:
     collection there), it cannot join, so the memory is freed as the thread exits instead.
     """
 
-    def __init__(self, guard: threading.RLock, free: Callable[[], None]) -> None:
+    def __init__(self, guard: Guard, free: Callable[[], None]) -> None:
         """``free`` releases the memory; it runs under ``guard``, which every user holds."""
         self._guard = guard
         self._free = free

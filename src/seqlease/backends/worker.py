@@ -6,6 +6,7 @@ import abc
 import logging
 import threading
 
+from seqlease.backends.guard import Guard
 from seqlease.backends.lifetime import NativeLifetime
 from seqlease.errors import InvalidSequenceError, NativeError, SeqleaseError
 from seqlease.request.job import Channel, FinishReason, Job
@@ -32,7 +33,7 @@ class JobWorker(abc.ABC):
         self.sequences = sequences
         #: Tokens one sequence holds, prompt and reply together.
         self.n_ctx = n_ctx
-        self._guard = threading.RLock()
+        self._guard = Guard()
         self._jobs = JobTable()
         self._lifetime = NativeLifetime(self._guard, self._free)
         self._thread = threading.Thread(target=self._main, name=thread_name, daemon=True)

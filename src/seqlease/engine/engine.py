@@ -30,7 +30,7 @@ from seqlease.engine.layout import KvLayout
 from seqlease.engine.ledger import KvLedger
 from seqlease.engine.prefixes import Prefixes
 from seqlease.engine.sampling import build_sampler
-from seqlease.engine.schedule import plan_batch
+from seqlease.engine.schedule import decode_calls, plan_batch
 from seqlease.errors import ContextClosedError, DecodeError, SequenceBusyError
 from seqlease.native.context import BatchEntry, NativeContext
 from seqlease.native.sampler import SamplerChain
@@ -66,7 +66,9 @@ class Engine(JobWorker):
         self._native = native
         self._model = native.model
         self._prefill_chunk = prefill_chunk
-        self._cap = native.n_batch  # shrinks after "no KV slot", grows back after success
+        # A call of at most n_ubatch tokens is not cut by llama.cpp beyond its own split.
+        self._budget = min(native.n_batch, native.n_ubatch)
+        self._cap = self._budget  # shrinks after "no KV slot", grows back after success
         self._ledger = KvLedger(native)
         self._prefixes = Prefixes(self._ledger, layout, enabled=share_prefixes)
         self._active: list[Job] = []  # engine thread only
@@ -218,13 +220,24 @@ class Engine(JobWorker):
 
     def _step(self) -> None:
         plan = plan_batch(self._active, self._cap, self._prefill_chunk)
-        # Rows in sequence-id order: with one KV stream per sequence, llama.cpp splits a batch
-        # into separate forward passes wherever the ids stop increasing (measured: 2 to 5
-        # passes per step in arrival order, one when sorted; 0.87x -> 0.95x of a raw loop).
-        plan.sort(key=lambda item: item[0].seq_id)
+        evaluated = self.evaluated
+        for call in decode_calls(plan, streams=not self._native.kv_unified):
+            if not self._decode(call):
+                break
+        if self.evaluated > evaluated:
+            self.steps += 1
+        # Round-robin: who goes first (and so gets the batch when it is short) changes per step.
+        if len(self._active) > 1:
+            self._active.append(self._active.pop(0))
+
+    def _decode(self, call: list[tuple[Job, int]]) -> bool:
+        """Evaluate one call's tokens, then sample where a reply has its next logits.
+
+        Returns ``False`` where the rest of the step must wait (llama.cpp found no KV slot).
+        """
         entries: list[BatchEntry] = []
-        rows: list[tuple[Job, int]] = []  # jobs that sample after this step, and their row
-        for job, n in plan:
+        rows: list[tuple[Job, int]] = []  # jobs that sample after this call, and their row
+        for job, n in call:
             if job.next_token is not None:
                 entries.append((job.next_token, job.n_past, job.seq_id, True))
                 rows.append((job, len(entries) - 1))
@@ -237,12 +250,10 @@ class Engine(JobWorker):
         try:
             self._native.decode(entries)
         except DecodeError as exc:
-            self._decode_failed(plan, exc)
-            return
-        self.steps += 1
+            return self._decode_failed(call, exc)
         self.evaluated += len(entries)
-        self._cap = min(self._native.n_batch, self._cap * 2)
-        for job, n in plan:
+        self._cap = min(self._budget, self._cap * 2)
+        for job, n in call:
             if job.next_token is not None:
                 self._ledger.appended(job.seq_id, (job.next_token,))
                 job.next_token = None
@@ -252,9 +263,7 @@ class Engine(JobWorker):
             job.n_past += n
         for job, row in rows:
             self._isolated(job, "sampling", functools.partial(self._sample, row=row))
-        # Round-robin: who goes first (and so gets the batch when it is short) changes per step.
-        if len(self._active) > 1:
-            self._active.append(self._active.pop(0))
+        return True
 
     def _sample(self, job: Job, *, row: int) -> None:
         token = self._samplers[job].sample(self._native, row)
@@ -272,20 +281,21 @@ class Engine(JobWorker):
         else:
             self._end(job, reason)
 
-    def _decode_failed(self, plan: list[tuple[Job, int]], exc: DecodeError) -> None:
-        """No KV slot: retry smaller. Fatal: stop. Else: fail the jobs of the batch."""
-        n_tokens = sum(n for _, n in plan)
+    def _decode_failed(self, call: list[tuple[Job, int]], exc: DecodeError) -> bool:
+        """No KV slot: retry smaller. Fatal: stop. Else: fail the jobs of the call."""
+        n_tokens = sum(n for _, n in call)
         if exc.code == _NO_KV_SLOT and n_tokens > 1:
             self._cap = max(1, n_tokens // 2)
             logger.warning("no KV slot for %d tokens: retrying with %d", n_tokens, self._cap)
-            return
+            return False
         if exc.code is not None and exc.code < -1:
             raise exc  # llama.cpp's context is unusable after a fatal decode error
-        for job, _ in plan:
+        for job, _ in call:
             # Whatever the failed batch wrote for this sequence is undone; the rest stays.
             self._ledger.truncate(job.seq_id, job.n_past)
             self._drop(job)
             self._fail(job, DecodeError(f"sequence {job.seq_id}: {exc}", exc.code), "decoding")
+        return True
 
     def _end(self, job: Job, reason: FinishReason) -> None:
         self._drop(job)

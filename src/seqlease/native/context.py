@@ -80,6 +80,7 @@ class NativeContext:
         # partial seq_cp between two streams (GGML_ASSERT "only supported for full KV buffers").
         self.kv_unified = layout.unified
         self.n_batch = int(lib.llama_n_batch(ptr))
+        self.n_ubatch = int(lib.llama_n_ubatch(ptr))
         #: KV cells llama.cpp made: what was asked, rounded up (to 256 per stream).
         self.n_cells = int(lib.llama_n_ctx(ptr))
         #: Bytes of the KV cache llama.cpp allocated (``None`` for a model of unknown shape).
