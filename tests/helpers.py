@@ -15,6 +15,12 @@ def engine(ctx: seqlease.Context) -> Engine:
     return found
 
 
+def never_end(ctx: seqlease.Context) -> dict[int, float]:
+    """A ``logit_bias`` that bans every end-of-generation token: the reply runs to its limit."""
+    model = ctx._backend.model  # type: ignore[attr-defined]
+    return {t: -100.0 for t in range(model.n_vocab) if model.is_eog(t)}
+
+
 def held_tokens(ctx: seqlease.Context, seq_id: int) -> tuple[int, ...]:
     """The tokens the engine records for a sequence (llama.cpp should hold the same)."""
     eng = engine(ctx)

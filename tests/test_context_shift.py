@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import seqlease
-from helpers import settle
+from helpers import never_end, settle
 
 FILLER = [
     "Tell me about the sea.",
@@ -105,11 +105,10 @@ def test_overflow_error_names_the_history_and_changes_nothing(ctx):
 
 
 def test_a_turn_after_a_reply_that_filled_the_sequence(ctx):
-    model = ctx._backend.model
-    never_end = {t: -100.0 for t in range(model.n_vocab) if model.is_eog(t)}
+    forever = never_end(ctx)
     with ctx.lease() as seq:
         chat = seqlease.ChatSession(seq, overflow="error")
-        chat.prompt("Tell me a long story.", temperature=0, max_tokens=1000, logit_bias=never_end)
+        chat.prompt("Tell me a long story.", temperature=0, max_tokens=1000, logit_bias=forever)
         result = chat.last_result
         assert result is not None
         assert result.finish_reason == "length"
@@ -118,7 +117,7 @@ def test_a_turn_after_a_reply_that_filled_the_sequence(ctx):
             chat.prompt("Go on.", **GREEDY)
     with ctx.lease() as seq:
         chat = seqlease.ChatSession(seq)  # shift: the long story leaves the prompt
-        chat.prompt("Tell me a long story.", temperature=0, max_tokens=1000, logit_bias=never_end)
+        chat.prompt("Tell me a long story.", temperature=0, max_tokens=1000, logit_bias=forever)
         chat.prompt("Go on.", **GREEDY)
         assert chat.last_result is not None
         assert chat.last_result.n_trimmed == 2

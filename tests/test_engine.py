@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import operator
 import threading
 
 import pytest
 
 import seqlease
-from helpers import engine, held_tokens, native_pos_max, wait_for
+from helpers import engine, held_tokens, native_pos_max, never_end, wait_for
 from seqlease.request.text import TextAssembler
+
+by_id = operator.attrgetter("id")
 
 PROMPTS = [
     "Once upon a time",
@@ -67,7 +70,7 @@ def test_eight_concurrent_greedy_generations_match_serial(ctx):
     # "Same reply, copied or not").
     assert [r.logprobs for r in batched] == [r.logprobs for r in serial]
     assert [r.text for r in batched] == [r.text for r in serial]
-    # They really shared steps: far fewer decode calls than tokens.
+    # They really shared steps: far fewer steps than tokens.
     assert steps < generated / 3, (steps, generated)
 
 
@@ -92,8 +95,6 @@ def test_a_neighbours_prompt_changes_no_bit_of_a_reply() -> None:
             with ctx.lease() as seq:
                 alone[text] = bits(seq.generate(text, **greedy).result())
         eng = engine(ctx)
-        model = ctx._backend.model
-        never_end = {t: -100.0 for t in range(model.n_vocab) if model.is_eog(t)}
         calls: list[tuple[int, dict[int, int]]] = []  # (step, {sequence: tokens}) per decode
         decode = eng._native.decode
 
@@ -103,9 +104,10 @@ def test_a_neighbours_prompt_changes_no_bit_of_a_reply() -> None:
 
         eng._native.decode = recorded
         with contextlib.ExitStack() as stack:
-            leases = sorted((stack.enter_context(ctx.lease()) for _ in range(3)), key=_id)
+            leases = sorted((stack.enter_context(ctx.lease()) for _ in range(3)), key=by_id)
             decoder, left, right = leases
-            endless = decoder.generate("Once upon a time", max_tokens=100, logit_bias=never_end)
+            forever = never_end(ctx)
+            endless = decoder.generate("Once upon a time", max_tokens=100, logit_bias=forever)
             next(endless)
             with eng._guard:  # the engine waits between steps: both prompts start in the next
                 replies = {
@@ -124,19 +126,13 @@ def test_a_release_does_not_wait_for_another_sequences_reply(ctx):
     # Releasing clears the sequence under the engine's guard, which the engine takes again
     # right after each step: with a plain lock, the release waited until every other reply
     # had ended (2 s behind a 300-token one).
-    model = ctx._backend.model
-    never_end = {t: -100.0 for t in range(model.n_vocab) if model.is_eog(t)}
     with ctx.lease() as seq:
-        other = seq.generate("Once upon a time", max_tokens=200, logit_bias=never_end)
+        other = seq.generate("Once upon a time", max_tokens=200, logit_bias=never_end(ctx))
         next(other)
         with ctx.lease() as mine:
             mine.generate("Hello there", max_tokens=2).result()
         assert not other._job.done.is_set()  # released while the other reply still runs
         other.close()
-
-
-def _id(seq: seqlease.Sequence) -> int:
-    return seq.id
 
 
 def test_same_seed_same_text_batched_or_not(ctx):
@@ -241,10 +237,9 @@ def test_prompt_and_reply_fill_n_ctx_exactly(n_prompt: int) -> None:
     # Off by one before: a prompt of n_ctx - 1 tokens got 2 reply tokens (n_ctx + 1 in all).
     with seqlease.Context(sequences=2, n_ctx=32, n_threads=1) as small, small.lease() as seq:
         model = small._backend.model
-        never_end = {t: -100.0 for t in range(model.n_vocab) if model.is_eog(t)}
         prompt = model.tokenize("one two three four five six seven eight nine ten") * 8
         prompt = prompt[:n_prompt]
-        gen = seq.generate(prompt, temperature=0, max_tokens=500, logit_bias=never_end)
+        gen = seq.generate(prompt, temperature=0, max_tokens=500, logit_bias=never_end(small))
         result = gen.result()
         assert result.finish_reason == "length"
         assert n_prompt + result.n_generated == 32
