@@ -21,6 +21,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 90.0
 SHUTDOWN_TIMEOUT = 30.0
+#: Greedy decoding of this prompt runs far past the first chunk: a reply to hang up on.
+LONG_PROMPT = "Write the numbers from 1 to 300 separated by commas."
 
 
 @dataclass

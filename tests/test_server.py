@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import run_cli
 from serving import (
+    LONG_PROMPT,
     ROOT,
     SHUTDOWN_TIMEOUT,
     STARTUP_TIMEOUT,
@@ -38,8 +39,6 @@ from serving import (
 SEQUENCES = 2
 MAX_WAITING = 4
 N_CTX = 512
-#: Greedy decoding of this prompt runs far past the first chunk: a reply to hang up on.
-LONG_PROMPT = "Write the numbers from 1 to 300 separated by commas."
 PERSON = {
     "type": "object",
     "properties": {

@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from serving import (
+    LONG_PROMPT,
     SHUTDOWN_TIMEOUT,
     STARTUP_TIMEOUT,
     Server,
@@ -32,8 +33,6 @@ from serving import (
 )
 
 SEQUENCES = 2
-#: Greedy decoding of this prompt runs far past the first chunk: a stream to hang up on.
-LONG_PROMPT = "Write the numbers from 1 to 300 separated by commas."
 
 
 @contextmanager

@@ -15,7 +15,6 @@ llama.cpp as given; the dim ``llama.cpp:`` line at the start shows what it was g
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from typing import TYPE_CHECKING, Literal, TextIO
 
@@ -24,6 +23,7 @@ from seqlease.cli.common import (
     add_context_options,
     color_enabled,
     describe_llama,
+    non_negative_float,
     open_context,
     positive_int,
 )
@@ -66,20 +66,13 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--temperature",
-        type=_temperature,
+        type=non_negative_float,
         default=0.6,
         metavar="T",
         help="sampling temperature, 0 for greedy (default: 0.6)",
     )
     add_context_options(parser, sequences=1, sequences_help="a conversation uses one")
     parser.set_defaults(handler=_handle)
-
-
-def _temperature(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {text}")
-    return value
 
 
 class _Repl:

@@ -9,6 +9,7 @@ once every "auto" is settled.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 from typing import TYPE_CHECKING, Any, Literal, TextIO
@@ -28,6 +29,8 @@ __all__ = [
     "context_kwargs",
     "describe_llama",
     "gpu_layers",
+    "non_negative_float",
+    "non_negative_int",
     "open_context",
     "positive_int",
 ]
@@ -52,6 +55,22 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an int of at least 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number of at least 0."""
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {text}")
     return value
 
 

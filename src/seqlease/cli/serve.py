@@ -18,6 +18,8 @@ from seqlease.cli.common import (
     add_context_options,
     color_enabled,
     describe_llama,
+    non_negative_float,
+    non_negative_int,
     open_context,
     positive_int,
 )
@@ -28,41 +30,27 @@ NAME = "serve"
 HELP = "serve the model over an OpenAI-compatible HTTP API (needs the web extra)"
 
 
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, not {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
-    return value
-
-
 def register(parser: argparse.ArgumentParser) -> None:
     """Add serve's arguments to its subparser."""
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     parser.add_argument("--port", type=positive_int, default=8000, help="port (default: 8000)")
     parser.add_argument(
         "--max-waiting",
-        type=_count,
+        type=non_negative_int,
         default=64,
         metavar="N",
         help="requests that may wait for a sequence; more get 503 at once (default: 64)",
     )
     parser.add_argument(
         "--queue-timeout",
-        type=_seconds,
+        type=non_negative_float,
         default=60.0,
         metavar="S",
         help="longest wait for a sequence before a 503 (default: 60)",
     )
     parser.add_argument(
         "--shutdown-timeout",
-        type=_seconds,
+        type=non_negative_float,
         default=30.0,
         metavar="S",
         help="on Ctrl-C or SIGTERM, how long running replies may finish (default: 30)",

@@ -109,7 +109,6 @@ class SamplerChain:
         if grammar is None:
             return int(self._lib.llama_sampler_sample(self._ptr, context.ptr, row))
         token = grammar.pick(context.logit_row(row), self._ptr)
-        grammar.accept(token)
         self._lib.llama_sampler_accept(self._ptr, token)
         return token
 

@@ -120,7 +120,7 @@ class _Sampling(_Strict):
 
     @model_validator(mode="after")
     def _checks(self) -> _Sampling:
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        stops = self.stops()
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes up to 4 non-empty strings")
         if self.stream_options is not None and not self.stream:
