@@ -69,7 +69,7 @@ from report import CpuMeter, child_json, machine, markdown_table, print_table
 
 import seqlease
 from seqlease.context import default_threads
-from seqlease.engine.ledger import common_prefix
+from seqlease.request.prompt import common_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "benchmarks-long-prompts.md"

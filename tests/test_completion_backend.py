@@ -101,7 +101,7 @@ def run(backend: CompletionBackend, tokens: list[int], seq_id: int = 0, **kw: An
     """Generate through the public stream type (greedy unless told); returns (chunks, result)."""
     kw.setdefault("temperature", 0)
     gen = Generation(
-        lambda channel: backend.generate(seq_id, tokens, sanitize(**kw), None, channel)
+        seq_id, lambda channel: backend.generate(seq_id, tokens, sanitize(**kw), None, channel)
     )
     chunks = bounded(lambda: list(gen))
     return chunks, bounded(gen.result)
@@ -367,7 +367,7 @@ def test_cancel_with_generation_close_mid_stream(backend: CompletionBackend) -> 
             backend.generate(0, tokens, sanitize(temperature=0, max_tokens=100), None, held)
         )
 
-    gen = Generation(start)
+    gen = Generation(0, start)
     assert held.first_text.wait(TIMEOUT)
     chunk = bounded(lambda: next(gen))
     assert chunk
@@ -384,7 +384,7 @@ def test_abort_event(backend: CompletionBackend) -> None:
     tokens = tokens_of(backend)
     abort = threading.Event()
     abort.set()
-    gen = Generation(lambda channel: backend.generate(0, tokens, sanitize(), abort, channel))
+    gen = Generation(0, lambda channel: backend.generate(0, tokens, sanitize(), abort, channel))
     assert bounded(lambda: list(gen)) == []
     result = bounded(gen.result)
     assert (result.finish_reason, result.n_generated, result.text) == ("cancelled", 0, "")
@@ -525,13 +525,14 @@ def test_queued_jobs_run_in_arrival_order(
     words = ["hello", "world", "the"]
     gens = [
         Generation(
+            i + 1,
             lambda channel, i=i: backend.generate(
                 i + 1,
                 tokens_of(backend, words[i]),
                 sanitize(temperature=0, max_tokens=2),
                 None,
                 channel,
-            )
+            ),
         )
         for i in range(3)
     ]
@@ -602,7 +603,7 @@ def test_clear_sequence_of_a_queued_job_does_not_wait_for_others(
     held = Held(backend, 0)
     assert held.first_text.wait(TIMEOUT)
     gen = Generation(
-        lambda channel: backend.generate(3, tokens_of(backend, "the"), sanitize(), None, channel)
+        3, lambda channel: backend.generate(3, tokens_of(backend, "the"), sanitize(), None, channel)
     )
     started = time.monotonic()
     # Returns although sequence 0 still holds the worker.
@@ -620,7 +621,7 @@ def test_close_cancels_everything_and_is_idempotent(fresh: CompletionBackend) ->
     held = Held(fresh, 0, max_tokens=100)
     assert held.first_text.wait(TIMEOUT)
     queued = Generation(
-        lambda channel: fresh.generate(1, tokens_of(fresh), sanitize(), None, channel)
+        1, lambda channel: fresh.generate(1, tokens_of(fresh), sanitize(), None, channel)
     )
     bounded(fresh.close)
     assert held.result().finish_reason == "cancelled"
@@ -721,7 +722,7 @@ from seqlease.request.params import sanitize
 from seqlease.request.stream import Generation
 b = completion_backend(tiny_model_path(), sequences=1, n_ctx=64, n_batch=32, n_threads=1)
 t = b.model.tokenize("hello world")
-g = Generation(lambda ch: b.generate(0, t, sanitize(temperature=0, max_tokens=4), None, ch))
+g = Generation(0, lambda ch: b.generate(0, t, sanitize(temperature=0, max_tokens=4), None, ch))
 assert g.result().n_generated == 4
 b.close()
 """
@@ -786,7 +787,7 @@ def test_errors_reach_their_caller_and_the_worker_survives(
     monkeypatch.setattr(
         backend.llama, "generate", failing("llama_decode returned -1", RuntimeError)
     )
-    gen = Generation(lambda channel: backend.generate(0, tokens, greedy, None, channel))
+    gen = Generation(0, lambda channel: backend.generate(0, tokens, greedy, None, channel))
     with pytest.raises(DecodeError, match="llama_decode returned -1") as info:
         bounded(gen.result)
     assert info.value.code == -1
@@ -794,7 +795,7 @@ def test_errors_reach_their_caller_and_the_worker_survives(
     assert backend.llama.n_tokens == 0  # the prefix cache was dropped after the failure
 
     monkeypatch.setattr(backend.llama, "generate", failing("boom", ZeroDivisionError))
-    gen = Generation(lambda channel: backend.generate(0, tokens, greedy, None, channel))
+    gen = Generation(0, lambda channel: backend.generate(0, tokens, greedy, None, channel))
     with pytest.raises(NativeError, match="boom"):
         bounded(gen.result)
 
@@ -821,9 +822,10 @@ def test_asyncio_consumer(backend: CompletionBackend) -> None:
     async def main() -> list[str]:
         async def one(seq_id: int) -> str:
             gen = AsyncGeneration(
+                seq_id,
                 lambda channel: backend.generate(
                     seq_id, tokens, sanitize(temperature=0, max_tokens=12), None, channel
-                )
+                ),
             )
             return "".join([chunk async for chunk in gen])
 
@@ -903,9 +905,10 @@ def test_real_model_cancel_mid_stream(real: tuple[CompletionBackend, llama_cpp.L
         "<|im_start|>user\nWrite a long story about a dragon.<|im_end|>\n<|im_start|>assistant\n"
     )
     gen = Generation(
+        0,
         lambda channel: backend.generate(
             0, tokens, sanitize(temperature=0, max_tokens=200), None, channel
-        )
+        ),
     )
     assert bounded(lambda: next(gen))
     bounded(gen.close)

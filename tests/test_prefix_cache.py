@@ -16,11 +16,12 @@ import pytest
 import seqlease
 from helpers import engine, held_tokens, native_context, native_pos_max, settle
 from seqlease.engine.layout import plan_layout
-from seqlease.engine.ledger import KvLedger, common_prefix
+from seqlease.engine.ledger import KvLedger
 from seqlease.engine.prefixes import MIN_SHARED, Prefixes
 from seqlease.native.library import load_library
 from seqlease.native.memory import resolve_memory_api
 from seqlease.native.model import NativeModel
+from seqlease.request.prompt import common_prefix
 from tiny_model import tiny_model_path
 
 pytestmark = pytest.mark.timeout(300)

@@ -30,6 +30,7 @@ from seqlease.errors import (
     StreamInUseError,
     TooManyWaiters,
 )
+from seqlease.lease import AsyncLease, Lease
 from seqlease.model_path import default_model_path
 from seqlease.options import ContextOptions, ModelOptions
 from seqlease.pool import Holder, PoolStats
@@ -38,7 +39,7 @@ from seqlease.request.logprobs import TokenLogprob
 from seqlease.request.params import SamplingParams, sanitize
 from seqlease.request.stream import AsyncGeneration, Generation
 from seqlease.request.text import trim_at_stop
-from seqlease.sequence import AsyncLease, Lease, Sequence
+from seqlease.sequence import Sequence
 
 __version__ = "0.1.0"
 

@@ -15,10 +15,11 @@ from typing_extensions import Self
 from seqlease.backends.base import Backend, BackendInfo
 from seqlease.backends.completion import CompletionBackend
 from seqlease.backends.session import SessionBackend
-from seqlease.chat.template import USER_TURN_MARKERS
 from seqlease.checks import check_int, check_text, check_timeout, describe
 from seqlease.detection import Capabilities, detect
 from seqlease.errors import BackendUnavailableError
+from seqlease.lease import AsyncLease, Lease
+from seqlease.model_info import ModelInfo
 from seqlease.model_path import default_model_path
 from seqlease.native.library import load_library
 from seqlease.native.params import resolve
@@ -27,7 +28,8 @@ from seqlease.pool import PoolStats, SequencePool, Slot
 from seqlease.pool.origin import caller_origin
 from seqlease.request.params import sanitize
 from seqlease.request.prompt import prompt_text
-from seqlease.sequence import AsyncLease, Lease, Sequence
+from seqlease.request.text import USER_TURN_MARKERS
+from seqlease.sequence import Sequence
 
 __all__ = ["MAX_SEQUENCES", "Context", "default_threads"]
 
@@ -166,6 +168,11 @@ class Context:
         # A Context dropped without close(): free native memory once nothing refers to it
         # (every live lease holds a reference, so no lease can be out by then).
         self._finalizer = weakref.finalize(self, self._backend.close)
+
+    @property
+    def model(self) -> ModelInfo:
+        """The loaded model: tokenizer, vocabulary, chat template, metadata."""
+        return self._backend.model_info
 
     @property
     def kv_cache_bytes(self) -> int | None:

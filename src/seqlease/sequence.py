@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import weakref
@@ -14,9 +13,7 @@ from typing_extensions import Unpack
 
 from seqlease.checks import check_callable, check_timeout, describe
 from seqlease.errors import BackendUnavailableError, SequenceReleasedError, StateError
-from seqlease.loop_bridge import wake_from_thread
 from seqlease.native.library import binding_version
-from seqlease.persist.fingerprint import model_fingerprint
 from seqlease.persist.sequence_state import SequenceState
 from seqlease.request.job import Channel, Job
 from seqlease.request.params import SamplingKwargs, SamplingParams, sanitize
@@ -27,9 +24,10 @@ from seqlease.request.structured import check_for_model
 if TYPE_CHECKING:
     from seqlease.backends.base import Backend
     from seqlease.context import Context
+    from seqlease.model_info import ModelInfo
     from seqlease.pool import SequencePool, Slot
 
-__all__ = ["AsyncLease", "Lease", "Sequence"]
+__all__ = ["Sequence"]
 
 logger = logging.getLogger("seqlease.pool")
 
@@ -86,6 +84,16 @@ class Sequence:
     def released(self) -> bool:
         """Whether this handle has been released (or reclaimed)."""
         return not self._pool.is_current(self._slot, self._lease_number)
+
+    @property
+    def model(self) -> ModelInfo:
+        """The model of this sequence's :class:`Context` (tokenizer, vocabulary, template)."""
+        return self._backend.model_info
+
+    @property
+    def n_ctx(self) -> int:
+        """Tokens this sequence can hold: prompt and reply together."""
+        return self._backend.n_ctx
 
     @property
     def n_tokens(self) -> int:
@@ -148,7 +156,7 @@ class Sequence:
     ) -> Generation:
         """:meth:`generate` with ready-made :class:`SamplingParams`."""
         tokens = self._check_request(prompt, params, abort)
-        return Generation(lambda channel: self._start(tokens, params, abort, channel))
+        return Generation(self.id, lambda channel: self._start(tokens, params, abort, channel))
 
     def agenerate(
         self,
@@ -173,7 +181,7 @@ class Sequence:
     ) -> AsyncGeneration:
         """:meth:`agenerate` with ready-made :class:`SamplingParams`."""
         tokens = self._check_request(prompt, params, abort)
-        return AsyncGeneration(lambda channel: self._start(tokens, params, abort, channel))
+        return AsyncGeneration(self.id, lambda channel: self._start(tokens, params, abort, channel))
 
     def _check_request(self, prompt: object, params: object, abort: object) -> list[int]:
         """Everything about a request that can be wrong, checked before anything is queued."""
@@ -184,7 +192,7 @@ class Sequence:
             )
         if abort is not None:
             check_callable("abort", abort, "is_set")
-        model = self._backend.model
+        model = self._backend.model_info
         tokens = prompt_tokens(prompt, model)
         check_for_model(model, params.grammar, params.logit_bias)
         return tokens
@@ -242,9 +250,8 @@ class Sequence:
         backend = self._backend
         memory_format = self._memory_format()
         tokens, memory = backend.save_sequence(self._slot.seq_id)
-        fingerprint = model_fingerprint(backend.model.path)
         return SequenceState(
-            tokens, memory, fingerprint, binding_version() or "", memory_format
+            tokens, memory, self.model.fingerprint, binding_version() or "", memory_format
         ).to_bytes()
 
     def load_state(self, data: bytes) -> None:
@@ -268,17 +275,15 @@ class Sequence:
         self.check()
         memory_format = self._memory_format()
         state = SequenceState.from_bytes(data)
-        backend = self._backend
-        model = backend.model
         state.check_fits(
             self.id,
-            model=model_fingerprint(model.path),
+            model=self.model.fingerprint,
             binding=binding_version() or "",
             memory_format=memory_format,
-            n_ctx=backend.n_ctx,
-            n_vocab=model.n_vocab,
+            n_ctx=self.n_ctx,
+            n_vocab=self.model.n_vocab,
         )
-        if not backend.load_sequence(self._slot.seq_id, state.tokens, state.memory):
+        if not self._backend.load_sequence(self._slot.seq_id, state.tokens, state.memory):
             raise StateError(
                 f"llama.cpp refused this state of {len(state.tokens)} tokens (see logger "
                 f"'seqlease.llama'); sequence {self.id} is empty"
@@ -295,10 +300,22 @@ class Sequence:
             )
         return memory_format
 
-    def _cut(self, prefix: list[int], start: int) -> bool:
-        """If this sequence starts with ``prefix``, drop ``prefix[start:]`` (a context shift)."""
+    def shift(self, held: list[int], start: int) -> bool:
+        """A context shift: if this sequence starts with ``held``, remove ``held[start:]``.
+
+        The tokens after ``held`` move down to close the gap (llama.cpp ``seq_rm`` +
+        ``seq_add``), keeping their memory instead of evaluating them again; a chat uses it to
+        drop its oldest turns. Returns ``False``, with nothing changed, where the sequence
+        holds something else or its memory cannot move positions (a recurrent model, the
+        completion backend). The sequence must not be generating.
+
+        Raises:
+            SequenceReleasedError: the handle was released.
+            SequenceBusyError: the sequence is generating.
+
+        """
         self.check()
-        return self._backend.cut_sequence(self._slot.seq_id, prefix, start)
+        return self._backend.cut_sequence(self._slot.seq_id, held, start)
 
     def add_closer(self, close: Callable[[], None]) -> None:
         """Run ``close`` when the lease ends, before the memory is cleared (newest first)."""
@@ -344,76 +361,3 @@ class Sequence:
     def __repr__(self) -> str:
         state = "released" if self.released else "leased"
         return f"<seqlease.Sequence id={self.id} lease=#{self._lease_number} {state}>"
-
-
-class Lease:
-    """``with ctx.lease() as seq:`` -- acquires on entry, always releases on exit.
-
-    A class rather than a generator-based context manager: it is on every request's path, and
-    this is half the cost.
-    """
-
-    __slots__ = ("_context", "_seq", "_timeout")
-
-    def __init__(self, context: Context, timeout: float | None) -> None:
-        self._context = context
-        self._timeout = timeout
-        self._seq: Sequence | None = None
-
-    def __enter__(self) -> Sequence:
-        self._seq = self._context.acquire(self._timeout)
-        return self._seq
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._seq is not None:
-            self._seq.release()
-
-
-class AsyncLease:
-    """``async with ctx.alease() as seq:`` -- the asyncio form of :class:`Lease`."""
-
-    __slots__ = ("_context", "_seq", "_timeout")
-
-    def __init__(self, context: Context, timeout: float | None) -> None:
-        self._context = context
-        self._timeout = timeout
-        self._seq: Sequence | None = None
-
-    async def __aenter__(self) -> Sequence:
-        self._seq = await self._context.aacquire(self._timeout)
-        return self._seq
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._seq is not None:
-            await release_off_loop(self._seq)
-
-
-async def release_off_loop(seq: Sequence) -> None:
-    """Release ``seq`` without blocking the event loop; it completes even if we are cancelled.
-
-    Releasing may wait for the engine to finish a step, so it runs on a thread of its own:
-    not the loop's default executor, where queued work is dropped when the awaiting task is
-    cancelled, and which may be busy with the application's own blocking calls.
-    """
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def release() -> None:
-        try:
-            seq.release()
-        finally:
-            wake_from_thread(loop, done)
-
-    # Not a daemon: an exiting interpreter finishes the release (one engine step at most).
-    threading.Thread(target=release, name=f"seqlease-release-{seq.id}").start()
-    await asyncio.shield(done)

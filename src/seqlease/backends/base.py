@@ -5,59 +5,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
+from seqlease.model_info import ModelInfo
 from seqlease.request.job import Channel, Job
 from seqlease.request.params import SamplingParams
 
-__all__ = ["Backend", "BackendInfo", "ModelInfo", "PrefixStats"]
-
-
-class ModelInfo(Protocol):
-    """The tokenizer and metadata side of a loaded model."""
-
-    @property
-    def path(self) -> Path:
-        """The GGUF file the model was loaded from."""
-        ...
-
-    @property
-    def bos(self) -> int:
-        """Beginning-of-sequence token id."""
-        ...
-
-    @property
-    def eos(self) -> int:
-        """End-of-sequence token id."""
-        ...
-
-    @property
-    def n_vocab(self) -> int:
-        """Vocabulary size."""
-        ...
-
-    def tokenize(
-        self, text: str, *, add_special: bool = True, parse_special: bool = True
-    ) -> list[int]:
-        """Token ids of ``text``."""
-        ...
-
-    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
-        """Bytes of one token."""
-        ...
-
-    def chat_template(self) -> str | None:
-        """The GGUF ``tokenizer.chat_template``, if any."""
-        ...
-
-    def is_eog(self, token: int) -> bool:
-        """Whether ``token`` ends generation."""
-        ...
-
-    def check_grammar(self, text: str) -> None:
-        """Raise :class:`~seqlease.GrammarError` unless ``text`` compiles for this model."""
-        ...
+__all__ = ["Backend", "BackendInfo", "PrefixStats"]
 
 
 class Backend(Protocol):
@@ -73,10 +27,8 @@ class Backend(Protocol):
     #: ``None`` where sequences cannot be saved.
     memory_format: dict[str, str] | None
 
-    @property
-    def model(self) -> ModelInfo:
-        """The loaded model's tokenizer and metadata."""
-        ...
+    #: The loaded model's tokenizer and metadata, as ``Context.model`` shows it.
+    model_info: ModelInfo
 
     @property
     def freed(self) -> bool:

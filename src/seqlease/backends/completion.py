@@ -35,6 +35,7 @@ from seqlease.errors import (
     NativeError,
     SeqleaseError,
 )
+from seqlease.model_info import ModelInfo
 from seqlease.model_path import check_model_file
 from seqlease.native.grammar import Grammar
 from seqlease.native.library import load_library
@@ -127,6 +128,7 @@ class CompletionBackend(JobWorker):
         except BaseException:
             llama.close()
             raise
+        self.model_info = ModelInfo(self.model)
         # Partial KV removal fails on recurrent and hybrid models: Llama then evaluates the
         # whole prompt again, and n_evaluated must say so.
         self._partial_rm = not self.model.is_recurrent()

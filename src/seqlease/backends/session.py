@@ -11,6 +11,7 @@ from seqlease.backends.base import PrefixStats
 from seqlease.engine.engine import Engine
 from seqlease.engine.layout import plan_layout
 from seqlease.errors import BackendUnavailableError
+from seqlease.model_info import ModelInfo
 from seqlease.native.context import NativeContext
 from seqlease.native.memory import resolve_memory_api
 from seqlease.native.model import NativeModel
@@ -54,6 +55,7 @@ class SessionBackend:
         except BaseException:
             self.model.close()
             raise
+        self.model_info = ModelInfo(self.model)
         self.n_ctx = native.n_ctx_seq
         #: How the KV memory is split between leases and the prefix cache.
         self.layout = layout

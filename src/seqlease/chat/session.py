@@ -11,7 +11,6 @@ from seqlease.chat.saved import SavedChat
 from seqlease.chat.template import ChatTemplate
 from seqlease.chat.turns import TurnGuard
 from seqlease.checks import check_text, describe
-from seqlease.engine.ledger import common_prefix
 from seqlease.errors import (
     BackendUnavailableError,
     ContextOverflowError,
@@ -19,11 +18,10 @@ from seqlease.errors import (
     SessionReleasedError,
     StateError,
 )
-from seqlease.persist.fingerprint import model_fingerprint
 from seqlease.persist.sequence_state import IncompatibleState
 from seqlease.request.job import Result
 from seqlease.request.params import SamplingParams, sanitize
-from seqlease.request.prompt import prompt_text
+from seqlease.request.prompt import common_prefix, prompt_text
 from seqlease.sequence import Sequence
 
 __all__ = ["ChatSession", "Overflow"]
@@ -86,7 +84,7 @@ class ChatSession:
         if overflow not in ("shift", "error"):
             raise ValueError(f"overflow must be 'shift' or 'error', not {describe(overflow)}")
         self._overflow = overflow
-        self._model = seq._backend.model
+        self._model = seq.model
         self._template = ChatTemplate.from_model(self._model)
         self._history: list[dict[str, str]] = []
         if system_prompt:
@@ -145,7 +143,7 @@ class ChatSession:
 
     def _restore(self, saved: SavedChat) -> str:
         """Take ``saved``'s conversation; why its memory could not be loaded ("" if it was)."""
-        if saved.model != model_fingerprint(self._model.path):
+        if saved.model != self._model.fingerprint:
             raise StateError(
                 "this chat was saved with another model (the fingerprints of the model files "
                 "differ): resume it on a Context of the model that saved it"
@@ -176,7 +174,7 @@ class ChatSession:
             return SavedChat(
                 history=tuple(self.history),
                 template=self._template.source,
-                model=model_fingerprint(self._model.path),
+                model=self._model.fingerprint,
                 state=state,
                 trimmed=self._trimmed,
             )
@@ -290,7 +288,7 @@ class ChatSession:
 
     def _window(self, text: str, params: SamplingParams) -> tuple[list[int], int]:
         """The prompt of a turn saying ``text``, and how many old messages it leaves out."""
-        n_ctx = self._seq._backend.n_ctx
+        n_ctx = self._seq.n_ctx
         head, turns = self._split()
         user = {"role": "user", "content": text}
         trimmed = self._trimmed
@@ -330,7 +328,7 @@ class ChatSession:
         start = common_prefix(old, new)
         kept = common_prefix(old[start:][::-1], new[start:][::-1])  # kept turns, from the end
         if kept and start + kept == len(new):
-            self._seq._cut(old[: len(old) - kept], start)
+            self._seq.shift(old[: len(old) - kept], start)
 
     def _split(self) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
         """The system prompt (if any) and the turns after it."""

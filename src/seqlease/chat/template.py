@@ -10,13 +10,11 @@ from typing import Any
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from seqlease.backends.base import ModelInfo
 from seqlease.errors import SeqleaseError
+from seqlease.model_info import ModelInfo
+from seqlease.request.text import USER_TURN_MARKERS
 
-__all__ = ["FALLBACK_TEMPLATE", "USER_TURN_MARKERS", "ChatTemplate"]
-
-#: The seed note's stop markers: the start of a user turn, never the assistant's.
-USER_TURN_MARKERS = ("USER:", "\nUSER:", "\n\nUSER:")
+__all__ = ["FALLBACK_TEMPLATE", "ChatTemplate"]
 
 #: For models without a template: the plain "USER:/ASSISTANT:" format the seed note's app used.
 FALLBACK_TEMPLATE = (
@@ -76,7 +74,7 @@ class ChatTemplate:
             return model.token_to_piece(token, special=True).decode("utf-8", "replace")
 
         if source is None:
-            source = model.chat_template()
+            source = model.chat_template
         return _compiled(source, text(model.bos), text(model.eos))
 
     def render(
@@ -105,7 +103,7 @@ class ChatTemplate:
         rendered = self.render(messages, add_generation_prompt=add_generation_prompt)
         # A template that writes BOS itself must not get a second one from the tokenizer.
         return model.tokenize(
-            rendered, add_special=not (self._bos and rendered.startswith(self._bos))
+            rendered, special=True, add_bos=not (self._bos and rendered.startswith(self._bos))
         )
 
 

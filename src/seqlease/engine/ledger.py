@@ -5,26 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from seqlease.native.context import NativeContext
+from seqlease.request.prompt import common_prefix
 
-__all__ = ["KvLedger", "common_prefix"]
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token lists.
-
-    Binary search over slice comparisons: prompts run to thousands of tokens and are matched
-    against every sequence at each request, and a slice compare runs in C.
-    """
-    lo, hi = 0, min(len(a), len(b))
-    if hi and a[0] != b[0]:
-        return 0
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+__all__ = ["KvLedger"]
 
 
 class KvLedger:

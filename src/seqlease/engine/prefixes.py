@@ -16,7 +16,8 @@ from collections.abc import Iterable, Sequence
 
 from seqlease.backends.base import PrefixStats
 from seqlease.engine.layout import KvLayout
-from seqlease.engine.ledger import KvLedger, common_prefix
+from seqlease.engine.ledger import KvLedger
+from seqlease.request.prompt import common_prefix
 
 __all__ = ["MIN_SHARED", "Prefixes"]
 

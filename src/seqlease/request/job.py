@@ -61,10 +61,12 @@ class Vocabulary(Pieces, Protocol):
 
 
 class Channel:
-    """Text chunks, then one end (a :class:`Result` or an error), from a worker to a reader.
+    """The one link between a reply's reader and its worker, both ways.
 
-    Putting never blocks and never fails on the reader's account: ``notify`` (how an asyncio
-    reader is woken from another thread) is only called, and its failure means nobody reads.
+    Worker to reader: text chunks, then one end (a :class:`Result` or an error), then
+    ``done`` once the worker has let go. Reader to worker: :meth:`cancel`. Putting never blocks
+    and never fails on the reader's account: ``notify`` (how an asyncio reader is woken from
+    another thread) is only called, and its failure means nobody reads.
     """
 
     def __init__(self, notify: Callable[[], None] | None = None) -> None:
@@ -73,6 +75,21 @@ class Channel:
         self._chunks: deque[str] = deque()
         self._end: Result | BaseException | None = None
         self._notify = notify
+        #: Set by :meth:`cancel` (or by a finalizer, which may only set a flag).
+        self.cancelled = threading.Event()
+        #: Set once the worker has let go of the reply (ended, failed or never started).
+        self.done = threading.Event()
+        self._on_cancel: Callable[[], None] | None = None
+
+    def cancel(self) -> None:
+        """Ask the worker to stop at its next step (non-blocking, idempotent, any thread)."""
+        self.cancelled.set()
+        if self._on_cancel is not None:
+            self._on_cancel()
+
+    def on_cancel(self, withdraw: Callable[[], None]) -> None:
+        """Call ``withdraw`` on :meth:`cancel` (the job table takes back a queued reply)."""
+        self._on_cancel = withdraw
 
     def put(self, text: str) -> None:
         """Add a chunk of text (ignored once the channel has ended)."""
@@ -153,12 +170,9 @@ class Job:
         self.params = params
         self.channel = channel
         self.abort = abort
-        self.cancelled = threading.Event()
-        #: Set once the worker has let go of the job (ended, failed or never started).
-        self.done = threading.Event()
+        self.cancelled = channel.cancelled
+        self.done = channel.done
         self.started = time.monotonic()
-        #: Called by :meth:`cancel` to withdraw a job still queued; set by the job table.
-        self.on_cancel: Callable[[Job], None] | None = None
         # Filled in by the worker:
         self.pending: list[int] = []  # prompt tokens still to evaluate
         self.n_past = 0  # tokens in the sequence's memory
@@ -176,9 +190,7 @@ class Job:
 
     def cancel(self) -> None:
         """Ask the worker to stop this job at its next step (non-blocking, idempotent)."""
-        self.cancelled.set()
-        if self.on_cancel is not None:
-            self.on_cancel(self)
+        self.channel.cancel()
 
     def should_stop(self) -> bool:
         """Whether the caller gave up on the job (a broken ``abort`` counts as set)."""

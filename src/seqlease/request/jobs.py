@@ -13,6 +13,7 @@ Invariants, under the one lock:
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import deque
 
@@ -52,7 +53,7 @@ class JobTable:
                     "or close() it before starting another on the same sequence"
                 )
             jobs.append(job)
-            job.on_cancel = self._withdraw
+            job.channel.on_cancel(functools.partial(self._withdraw, job))
             self._queue.append(job)
             self._cond.notify_all()
 

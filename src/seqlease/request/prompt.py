@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
 from seqlease.checks import check_text, describe
 from seqlease.errors import ContextOverflowError, EmptyPromptError
 
-__all__ = ["Tokenizer", "check_prompt", "prompt_text", "prompt_tokens"]
+__all__ = ["Tokenizer", "check_prompt", "common_prefix", "prompt_text", "prompt_tokens"]
 
 
 class Tokenizer(Protocol):
@@ -20,10 +20,8 @@ class Tokenizer(Protocol):
         """Vocabulary size."""
         ...
 
-    def tokenize(
-        self, text: str, *, add_special: bool = True, parse_special: bool = True
-    ) -> list[int]:
-        """Token ids of ``text``."""
+    def tokenize(self, text: str, *, special: bool = False, add_bos: bool = True) -> list[int]:
+        """Token ids of ``text`` (``special``: control-token text becomes control tokens)."""
         ...
 
 
@@ -53,7 +51,7 @@ def prompt_tokens(prompt: object, model: Tokenizer) -> list[int]:
 
     """
     if isinstance(prompt, str):
-        return model.tokenize(prompt_text("prompt", prompt))
+        return model.tokenize(prompt_text("prompt", prompt), special=True)
     if isinstance(prompt, (bytes, bytearray, memoryview, Mapping)) or not isinstance(
         prompt, Iterable
     ):
@@ -88,3 +86,21 @@ def check_prompt(tokens: list[int], n_ctx: int) -> None:
             "tokens, and at least one must be left for the reply: shorten the prompt or "
             "create the Context with a larger n_ctx"
         )
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists.
+
+    Binary search over slice comparisons: prompts run to thousands of tokens and are matched
+    against every sequence at each request, and a slice compare runs in C.
+    """
+    lo, hi = 0, min(len(a), len(b))
+    if hi and a[0] != b[0]:
+        return 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -16,17 +16,17 @@ from types import TracebackType
 from typing_extensions import Self
 
 from seqlease.errors import StreamInUseError
-from seqlease.request.job import Channel, Job, Result
+from seqlease.request.job import Channel, Result
 
 __all__ = ["AsyncGeneration", "Generation"]
 
-#: Builds and submits the job, given the channel its text and end go to.
-Starter = Callable[[Channel], Job]
+#: Submits the reply, given the channel its text and end go to.
+Starter = Callable[[Channel], object]
 
 
-def _outcome(job: Job) -> Result:
-    """The finished job's result; raises its error."""
-    end = job.channel.wait_end()
+def _outcome(channel: Channel) -> Result:
+    """The finished reply's result; raises its error."""
+    end = channel.wait_end()
     if isinstance(end, BaseException):
         raise end
     assert end is not None
@@ -34,29 +34,30 @@ def _outcome(job: Job) -> Result:
 
 
 class _Stream:
-    """What both forms share: the job, the single-reader rule and stopping."""
+    """What both forms share: the channel, the single-reader rule and stopping."""
 
-    def __init__(self, job: Job) -> None:
-        self._job = job
+    def __init__(self, seq_id: int, channel: Channel) -> None:
+        self._seq_id = seq_id
+        self._channel = channel
         self._reader = threading.Lock()
 
     def _enter_read(self) -> None:
         if not self._reader.acquire(blocking=False):
             raise StreamInUseError(
                 f"another reader is already iterating this reply of sequence "
-                f"{self._job.seq_id}: read a stream from one thread or task only (use "
+                f"{self._seq_id}: read a stream from one thread or task only (use "
                 "result() to wait for the whole reply elsewhere)"
             )
 
     @property
     def finished(self) -> bool:
         """Whether the reply has ended (the worker let go of it)."""
-        return self._job.done.is_set()
+        return self._channel.done.is_set()
 
     def __del__(self) -> None:
         # Only a flag: a finalizer may run on any thread, even inside the job table's lock.
-        if (job := getattr(self, "_job", None)) is not None:
-            job.cancelled.set()
+        if (channel := getattr(self, "_channel", None)) is not None:
+            channel.cancelled.set()
 
 
 class Generation(_Stream, Iterator[str]):
@@ -66,16 +67,18 @@ class Generation(_Stream, Iterator[str]):
     dropping the object: the engine stops this sequence within one step.
     """
 
-    def __init__(self, start: Starter) -> None:
-        """Submit the generation through ``start``."""
-        super().__init__(start(Channel()))
+    def __init__(self, seq_id: int, start: Starter) -> None:
+        """Submit the generation on ``seq_id`` through ``start``."""
+        channel = Channel()
+        start(channel)
+        super().__init__(seq_id, channel)
 
     def __next__(self) -> str:
         self._enter_read()
         try:
-            chunk = self._job.channel.take()
+            chunk = self._channel.take()
         except KeyboardInterrupt:  # Ctrl-C while waiting: stop the reply too
-            self._job.cancel()
+            self._channel.cancel()
             raise
         finally:
             self._reader.release()
@@ -85,7 +88,7 @@ class Generation(_Stream, Iterator[str]):
 
     def result(self) -> Result:
         """Wait for the end of the reply and return it (raises the generation's error)."""
-        return _outcome(self._job)
+        return _outcome(self._channel)
 
     def close(self) -> None:
         """Stop the generation and return once the engine let go of it (within one step).
@@ -93,9 +96,9 @@ class Generation(_Stream, Iterator[str]):
         Safe from any thread, also while another thread iterates. :meth:`result` stays
         available (``finish_reason == "cancelled"`` unless it had already ended).
         """
-        if not self._job.done.is_set():
-            self._job.cancel()
-            self._job.done.wait()
+        if not self._channel.done.is_set():
+            self._channel.cancel()
+            self._channel.done.wait()
 
     def __enter__(self) -> Self:
         return self
@@ -112,8 +115,8 @@ class Generation(_Stream, Iterator[str]):
 class AsyncGeneration(_Stream, AsyncIterator[str]):
     """The asyncio form of :class:`Generation`; cancelling the reading task stops the reply."""
 
-    def __init__(self, start: Starter) -> None:
-        """Submit the generation; must be called in the event loop that reads it."""
+    def __init__(self, seq_id: int, start: Starter) -> None:
+        """Submit the generation on ``seq_id``; must be called in the loop that reads it."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -128,11 +131,13 @@ class AsyncGeneration(_Stream, AsyncIterator[str]):
         def notify() -> None:
             loop.call_soon_threadsafe(ready.set)
 
-        super().__init__(start(Channel(notify)))
+        channel = Channel(notify)
+        start(channel)
+        super().__init__(seq_id, channel)
 
     async def __anext__(self) -> str:
         self._enter_read()
-        channel = self._job.channel
+        channel = self._channel
         try:
             while True:
                 self._ready.clear()
@@ -143,7 +148,7 @@ class AsyncGeneration(_Stream, AsyncIterator[str]):
                     raise StopAsyncIteration
                 await self._ready.wait()
         except asyncio.CancelledError:  # the reading task was cancelled: stop the reply too
-            self._job.cancel()
+            self._channel.cancel()
             raise
         finally:
             self._reader.release()
@@ -151,18 +156,18 @@ class AsyncGeneration(_Stream, AsyncIterator[str]):
     async def result(self) -> Result:
         """Wait (without blocking the loop) for the end of the reply and return it."""
         await self._wait_done()
-        return _outcome(self._job)
+        return _outcome(self._channel)
 
     async def aclose(self) -> None:
         """Stop the generation and wait, without blocking the loop, until it has stopped."""
-        if not self._job.channel.ended:
-            self._job.cancel()
+        if not self._channel.ended:
+            self._channel.cancel()
             await self._wait_done()
 
     async def _wait_done(self) -> None:
         # The channel's end is what wakes this loop (done is set just after it, and wakes
         # nobody); the worker has forgotten the job by then.
-        channel = self._job.channel
+        channel = self._channel
         while not channel.ended:
             self._ready.clear()
             if channel.ended:

@@ -7,7 +7,10 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from seqlease.checks import check_text, describe
 
-__all__ = ["TextAssembler", "check_stop", "trim_at_stop"]
+__all__ = ["USER_TURN_MARKERS", "TextAssembler", "check_stop", "trim_at_stop"]
+
+#: The seed note's stop markers: the start of a user turn, never the assistant's.
+USER_TURN_MARKERS = ("USER:", "\nUSER:", "\n\nUSER:")
 
 
 def trim_at_stop(text: str, stop: str | Sequence[str]) -> str:

@@ -59,7 +59,7 @@ class Service:
     def __init__(self, ctx: Context, *, queue_timeout: float | None, retry_after: int) -> None:
         """Serve ``ctx``; a request waits ``queue_timeout`` seconds at most for a sequence."""
         self.ctx = ctx
-        self.model = ctx._backend.model
+        self.model = ctx.model
         self.template = ChatTemplate.from_model(self.model)
         #: The model's name in the API: its file name without ``.gguf``.
         self.model_id = os.path.basename(ctx.model_path).removesuffix(".gguf")
