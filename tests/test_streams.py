@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
+import random
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +23,9 @@ pytestmark = pytest.mark.timeout(60)
 
 LONG = "Count slowly: one, two,"  # greedy: runs to max_tokens
 GREEDY_LONG = {"temperature": 0, "max_tokens": 200}
+# About 400 tokens: evaluating them takes over a second on one thread, before any chunk.
+WORDS = ["apple", "river", "stone", "cloud", "music", "paper", "window", "garden", "silver"]
+SLOW_PROMPT = " ".join(random.Random(7).choice(WORDS) for _ in range(400))
 
 
 @pytest.fixture(scope="module", params=["session", "completion"])
@@ -83,6 +89,50 @@ def test_a_second_reader_gets_a_clear_error_and_both_see_the_end(ctx):
         assert outcome == ["end"]
         assert list(gen) == []  # after the end, any reader just stops
         assert gen.result().n_generated >= 1
+
+
+def test_ctrl_c_while_waiting_for_a_chunk_stops_the_reply(ctx):
+    # Python turns SIGINT into KeyboardInterrupt only when it was not ignored at start-up.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+    try:
+        with ctx.lease() as seq:
+            gen = seq.generate(SLOW_PROMPT, **GREEDY_LONG)
+            timer.start()
+            with pytest.raises(KeyboardInterrupt):
+                next(gen)  # blocked: the prompt is still being evaluated
+            result = gen.result()
+            assert result.finish_reason == "cancelled"
+            assert result.n_generated < 200
+    finally:
+        timer.join()
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_a_reader_and_threads_waiting_for_the_result_all_see_the_end(ctx):
+    with ctx.lease() as seq:
+        gen = seq.generate(LONG, temperature=0, max_tokens=40)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            waiters = [pool.submit(gen.result) for _ in range(3)]
+            text = "".join(gen)
+            results = [w.result(timeout=30) for w in waiters]
+        assert {r.text for r in results} == {text}
+        assert results[0].n_generated == 40
+
+
+def test_async_with_an_async_generation_stops_it_on_the_way_out(ctx):
+    async def main() -> seqlease.Result:
+        async with ctx.alease() as seq:
+            async with seq.agenerate(LONG, **GREEDY_LONG) as gen:
+                await anext(gen)
+            result = await gen.result()
+            # The sequence is free for the next generation at once.
+            assert (await seq.agenerate("The ocean is", max_tokens=2).result()).n_generated
+            return result
+
+    result = asyncio.run(main())
+    assert result.finish_reason == "cancelled"
+    assert result.n_generated < 200
 
 
 def test_break_out_of_a_loop_then_generate_at_once(ctx):

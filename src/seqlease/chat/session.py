@@ -213,28 +213,14 @@ class ChatSession:
             SessionBusyError: a stream of this session is still open.
 
         """
-        return "".join(self._turn(text, sampling, streaming=False))
+        return "".join(self._run_turn(self._prepare(text, sampling), streaming=False))
 
     def stream(self, text: str, **sampling: Any) -> Generator[str, None, None]:
         """Like :meth:`prompt`, yielding the reply in chunks as it is generated.
 
         Close the stream (or read it to the end) before the next turn.
         """
-        return self._turn(text, sampling, streaming=True)
-
-    def _turn(
-        self, text: str, sampling: dict[str, Any], *, streaming: bool
-    ) -> Generator[str, None, None]:
-        turn = self._prepare(text, sampling)  # raises at the call, not at next()
-        return self._run_turn(turn, streaming)
-
-    def _run_turn(self, turn: _Turn, streaming: bool) -> Generator[str, None, None]:
-        text, params = turn.text, turn.params
-        with self._turns.turn(streaming=streaming):
-            gen = self._seq.generate_with(self._enter(turn), params)
-            with gen:
-                yield from gen
-            self._record(text, gen.result())
+        return self._run_turn(self._prepare(text, sampling), streaming=True)
 
     async def aprompt(self, text: str, **sampling: Any) -> str:
         """Async :meth:`prompt`."""
@@ -245,16 +231,21 @@ class ChatSession:
         """Async :meth:`stream`; cancelling the task stops the reply within one step."""
         return self._arun_turn(self._prepare(text, sampling), streaming=True)
 
+    # A turn's work is _prepare (at the call), _enter and _record; _run_turn and _arun_turn
+    # only wait for it, the one blocking, the other awaiting, step for step the same.
+
+    def _run_turn(self, turn: _Turn, *, streaming: bool) -> Generator[str, None, None]:
+        with self._turns.turn(streaming=streaming):
+            with self._seq.generate_with(self._enter(turn), turn.params) as gen:
+                yield from gen
+            self._record(turn, gen.result())
+
     async def _arun_turn(self, turn: _Turn, *, streaming: bool) -> AsyncGenerator[str, None]:
-        text, params = turn.text, turn.params
         async with self._turns.aturn(streaming=streaming):
-            gen = self._seq.agenerate_with(self._enter(turn), params)
-            try:
+            async with self._seq.agenerate_with(self._enter(turn), turn.params) as gen:
                 async for chunk in gen:
                     yield chunk
-            finally:
-                await gen.aclose()
-            self._record(text, await gen.result())
+            self._record(turn, await gen.result())
 
     def _check_open(self) -> None:
         if self._closed or self._seq.released:
@@ -338,11 +329,11 @@ class ChatSession:
     def _tokens(self, messages: list[dict[str, str]], *, generation: bool = True) -> list[int]:
         return self._template.tokenize(self._model, messages, add_generation_prompt=generation)
 
-    def _record(self, text: str, result: Result) -> None:
+    def _record(self, turn: _Turn, result: Result) -> None:
         if result.finish_reason == "cancelled":
             return  # an interrupted turn is not part of the conversation
         result = dataclasses.replace(result, n_trimmed=self._trimmed)
-        self._history.append({"role": "user", "content": text})
+        self._history.append({"role": "user", "content": turn.text})
         self._history.append({"role": "assistant", "content": result.text.strip()})
         logger.info(
             "reply on sequence %d in %.2f s: %d prompt tokens (%d evaluated, %d messages "

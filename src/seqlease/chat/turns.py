@@ -31,21 +31,21 @@ class TurnGuard:
         self._streaming = False
         self._waiters: deque[Callable[[], object]] = deque()
 
+    # turn() and aturn() differ only in how they wait to be woken: a thread blocks on an
+    # Event, a task awaits a future resolved in its loop. Taking, queueing and giving back
+    # the turn is one code (_take, _held).
+
     @contextlib.contextmanager
     def turn(self, *, streaming: bool) -> Iterator[None]:
         """Hold the turn in this thread for the ``with`` block."""
         me = threading.current_thread()
         while True:
-            with self._lock:
-                if self._claim(me, streaming):
-                    break
-                wake = threading.Event()
-                self._waiters.append(wake.set)
-            wake.wait()
-        try:
+            woken = threading.Event()
+            if self._take(me, streaming, woken.set):
+                break
+            woken.wait()
+        with self._held():
             yield
-        finally:
-            self._release()
 
     @contextlib.asynccontextmanager
     async def aturn(self, *, streaming: bool) -> AsyncIterator[None]:
@@ -53,16 +53,12 @@ class TurnGuard:
         me = asyncio.current_task()
         loop = asyncio.get_running_loop()
         while True:
-            with self._lock:
-                if self._claim(me, streaming):
-                    break
-                woken: asyncio.Future[None] = loop.create_future()
-                self._waiters.append(functools.partial(wake_from_thread, loop, woken))
+            woken: asyncio.Future[None] = loop.create_future()
+            if self._take(me, streaming, functools.partial(wake_from_thread, loop, woken)):
+                break
             await woken
-        try:
+        with self._held():
             yield
-        finally:
-            self._release()
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -78,29 +74,37 @@ class TurnGuard:
                     "its stream) first"
                 )
             self._owner = self
+        with self._held():
+            yield
+
+    def _take(self, me: object, streaming: bool, wake: Callable[[], object]) -> bool:
+        """Take the turn for ``me`` if free; else queue ``wake`` (called once it is let go).
+
+        Raises where waiting could not end: the turn is ``me``'s own, or an open stream's.
+        """
+        with self._lock:
+            if self._owner is None:
+                self._owner, self._streaming = me, streaming
+                return True
+            if self._owner is me or self._streaming:
+                raise SessionBusyError(
+                    "a reply stream of this chat session is still open: read it to the end or "
+                    "close() it before starting the next turn"
+                    if self._streaming
+                    else "this thread or task is already in a turn of this chat session"
+                )
+            self._waiters.append(wake)
+            return False
+
+    @contextlib.contextmanager
+    def _held(self) -> Iterator[None]:
+        """The turn, taken, for the ``with`` block; then let go and every waiter woken."""
         try:
             yield
         finally:
-            self._release()
-
-    def _claim(self, me: object, streaming: bool) -> bool:
-        """Under the lock: take the turn if free; ``False``: wait; raise where waiting can't end."""
-        if self._owner is None:
-            self._owner, self._streaming = me, streaming
-            return True
-        if self._owner is me or self._streaming:
-            raise SessionBusyError(
-                "a reply stream of this chat session is still open: read it to the end or "
-                "close() it before starting the next turn"
-                if self._streaming
-                else "this thread or task is already in a turn of this chat session"
-            )
-        return False
-
-    def _release(self) -> None:
-        with self._lock:
-            self._owner, self._streaming = None, False
-            waiters = list(self._waiters)
-            self._waiters.clear()
-        for wake in waiters:  # all of them compete again; one wins, the others queue again
-            wake()
+            with self._lock:
+                self._owner, self._streaming = None, False
+                waiters = list(self._waiters)
+                self._waiters.clear()
+            for wake in waiters:  # all of them compete again; one wins, the others queue again
+                wake()
