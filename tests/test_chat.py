@@ -51,7 +51,7 @@ def test_prompt_and_history(ctx):
         assert chat.history == [
             {"role": "system", "content": "Answer in one short sentence."},
             {"role": "user", "content": "What colour is the sky?"},
-            {"role": "assistant", "content": reply.strip()},
+            {"role": "assistant", "content": reply},
         ]
         assert not any(m in reply for m in USER_TURN_MARKERS)
 
@@ -73,6 +73,28 @@ def test_second_turn_evaluates_only_the_new_turn(ctx):
         # Only the new user turn (and the re-rendered end of the last reply) is evaluated.
         assert second.n_evaluated < second.n_prompt - first.n_prompt // 2
         assert second.n_evaluated <= second.n_prompt - first.n_prompt + first.n_generated
+
+
+def test_a_reply_is_recorded_as_generated_so_the_next_turn_evaluates_only_itself(ctx):
+    # A reply that starts and ends with whitespace, as a model's may: recorded stripped, the
+    # history no longer rendered to what the sequence held, and the next turn evaluated the
+    # whole reply again.
+    reply = " Hello there.\n"
+    with ctx.lease() as seq:
+        chat = seqlease.ChatSession(seq)
+        said = chat.prompt("Say hello.", grammar='root ::= " Hello there.\\n"', max_tokens=16)
+        assert said == reply
+        assert chat.history[-1] == {"role": "assistant", "content": reply}
+        # What the sequence holds: the first prompt, then the reply's tokens.
+        held = chat._tokens(chat.history[:1]) + ctx.model.tokenize(reply, add_bos=False)
+        chat.prompt("Again.", temperature=0, max_tokens=4)
+        second = chat.last_result
+        assert second is not None
+        prompt = chat._tokens(chat.history[:3])
+        assert prompt[: len(held)] == held  # the history renders to the tokens held
+        if ctx.backend.name == "session":  # the completion backend keeps no sequence's memory
+            # Only the new user turn and the template's markup around it are evaluated.
+            assert second.n_evaluated == len(prompt) - len(held)
 
 
 def test_stream_and_async_forms_agree(ctx):

@@ -334,7 +334,9 @@ class ChatSession:
             return  # an interrupted turn is not part of the conversation
         result = dataclasses.replace(result, n_trimmed=self._trimmed)
         self._history.append({"role": "user", "content": turn.text})
-        self._history.append({"role": "assistant", "content": result.text.strip()})
+        # The reply as generated, as the sequence holds it: the next turn's prompt then
+        # renders it to the same tokens and evaluates only what follows.
+        self._history.append({"role": "assistant", "content": result.text})
         logger.info(
             "reply on sequence %d in %.2f s: %d prompt tokens (%d evaluated, %d messages "
             "left out), %d generated, %d characters, finished by %s",
