@@ -97,6 +97,47 @@ def test_a_reply_is_recorded_as_generated_so_the_next_turn_evaluates_only_itself
             assert second.n_evaluated == len(prompt) - len(held)
 
 
+def test_a_reply_may_say_user_and_a_callers_stop_still_cuts_it(ctx):
+    # "USER:" is no turn marker of the model's template (ChatML): a reply may say it.
+    grammar = 'root ::= "Name: USER: Bob"'
+    with ctx.lease() as seq:
+        chat = seqlease.ChatSession(seq)
+        assert chat.prompt("Who is it?", grammar=grammar, max_tokens=16) == "Name: USER: Bob"
+        assert chat.last_result.finish_reason == "eog"
+        cut = chat.prompt("Who is it?", grammar=grammar, max_tokens=16, stop=["Bob"])
+        assert cut == "Name: USER: "
+        assert chat.last_result.finish_reason == "stop"
+
+
+def test_the_fallback_layout_stops_at_user_with_or_without_a_callers_stop(ctx, monkeypatch):
+    # A model without a template: its turns really are "USER:" / "ASSISTANT:".
+    monkeypatch.setattr(ctx.model, "chat_template", None)
+    grammar = 'root ::= "Name: USER: Bob"'
+    with ctx.lease() as seq:
+        chat = seqlease.ChatSession(seq)
+        assert chat._template.is_fallback
+        for stop in (None, ["Bob"]):
+            assert chat.prompt("Who is it?", grammar=grammar, max_tokens=16, stop=stop) == "Name: "
+            assert chat.last_result.finish_reason == "stop"
+
+
+def test_stops_are_the_end_of_turn_then_the_callers():
+    chatml = ChatTemplate(
+        "{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}"
+    )
+    assert chatml.stops() == chatml.stops(None) == chatml.stops([]) == ("<|im_end|>",)
+    assert chatml.stops("x") == ("<|im_end|>", "x")
+    assert chatml.stops(["x", "<|im_end|>", "y"]) == ("<|im_end|>", "x", "y")
+    assert "USER:" not in chatml.stops()
+    fallback = ChatTemplate(None)
+    assert fallback.stops() == USER_TURN_MARKERS
+    assert fallback.stops(["x"]) == (*USER_TURN_MARKERS, "x")
+    with pytest.raises(TypeError, match="stop"):
+        chatml.stops(42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="stop"):
+        chatml.stops([""])
+
+
 def test_stream_and_async_forms_agree(ctx):
     with ctx.lease() as seq:
         streamed = "".join(

@@ -160,6 +160,28 @@ def test_stop_strings_end_the_reply_before_them(client):
     assert cut.choices[0].message.content == whole[: whole.index("5")]
 
 
+def test_a_reply_may_say_user_and_only_the_turn_end_and_the_callers_stops_cut_it(client):
+    # "USER:" is no turn marker of the model's template (ChatML): a reply may say it.
+    schema = {
+        "type": "object",
+        "properties": {"name": {"const": "USER: Bob"}},
+        "required": ["name"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "name", "schema": schema}}
+    options = {"max_tokens": 40, "temperature": 0, "response_format": fmt}
+    for stream in (False, True):
+        if stream:
+            chunks = _chat(client, "Who is it?", stream=True, **options)
+            content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        else:
+            content = _chat(client, "Who is it?", **options).choices[0].message.content
+        assert json.loads(content) == {"name": "USER: Bob"}
+    cut = _chat(client, "Who is it?", stop=["Bob"], **options).choices[0]
+    assert cut.finish_reason == "stop"
+    assert cut.message.content.endswith("USER: ")
+
+
 def test_cached_prompt_tokens_are_reported(client):
     """The second request with the same long system prompt copies it from memory."""
     system = "You are a terse assistant. " * 20
@@ -269,6 +291,11 @@ def test_the_stream_is_server_sent_events_ending_in_done(server):
     r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/event-stream")
+    # A stream has no length: the body goes out in chunks as the reply is made.
+    assert "content-length" not in r.headers
+    assert r.headers["transfer-encoding"] == "chunked"
+    assert r.headers["cache-control"] == "no-cache"
+    assert r.headers["x-accel-buffering"] == "no"
     events = r.text.split("\n\n")
     assert events[-2:] == ["data: [DONE]", ""]
     for event in events[:-2]:

@@ -205,7 +205,9 @@ class ChatSession:
         """Send ``text`` as the user's turn and return the whole reply.
 
         Sampling: ``temperature=0.6, top_p=0.9, top_k=40, max_tokens=256, stop=None,
-        seed=None``. ``stop=None`` stops at user-turn markers and the template's end of turn.
+        seed=None``. A reply always stops at the end of its turn, the chat template's turn
+        markup (the user-turn marker ``USER:`` only in the plain layout of a model without a
+        template); ``stop`` adds strings to that, it never replaces it.
 
         Raises:
             EmptyPromptError: ``text`` is empty or whitespace only.
@@ -257,8 +259,7 @@ class ChatSession:
         """Check a turn's arguments and build its prompt at the call, before it waits."""
         self._check_open()
         text = prompt_text("text", text)
-        if sampling.get("stop") is None:
-            sampling = {**sampling, "stop": self._template.default_stop}
+        sampling = {**sampling, "stop": self._template.stops(sampling.get("stop"))}
         params = sanitize(**sampling)  # unknown names raise TypeError, bad values ValueError
         tokens, trimmed = self._window(text, params)  # one that cannot fit raises here
         return _Turn(text, params, tokens, trimmed, self._version())

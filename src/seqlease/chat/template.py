@@ -12,7 +12,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from seqlease.errors import SeqleaseError
 from seqlease.model_info import ModelInfo
-from seqlease.request.text import USER_TURN_MARKERS
+from seqlease.request.text import USER_TURN_MARKERS, check_stop
 
 __all__ = ["FALLBACK_TEMPLATE", "ChatTemplate"]
 
@@ -54,11 +54,22 @@ class ChatTemplate:
         markers = [m for m in _END_OF_TURN if m in self.source]
         if eos_token and eos_token not in markers:
             markers.append(eos_token)
-        #: Strings that end an assistant turn in this template.
-        self.end_of_turn: tuple[str, ...] = tuple(markers)
-        #: A reply's stop strings when the caller gives none: a user turn starting, or the
-        #: end of the assistant's.
-        self.default_stop: tuple[str, ...] = USER_TURN_MARKERS + self.end_of_turn
+        #: Strings that end an assistant turn in this template. In the fallback layout a
+        #: turn ends where the next begins, so they include its user-turn markers (``USER:``).
+        self.end_of_turn: tuple[str, ...] = (
+            USER_TURN_MARKERS + tuple(markers) if self.is_fallback else tuple(markers)
+        )
+
+    def stops(self, stop: str | Sequence[str] | None = None) -> tuple[str, ...]:
+        """A reply's stop strings: this template's end of turn always, then ``stop``'s.
+
+        The one rule of every chat reply (sessions and the server). The user-turn marker a
+        reply must stop at is the template's own turn markup (ChatML's ``<|im_end|>``, ...):
+        the literal ``USER:`` is one only in the fallback layout, so a reply of a real
+        template may say "USER:". A caller's ``stop`` (one string or several) adds to the
+        end of turn, never replaces it.
+        """
+        return tuple(dict.fromkeys((*self.end_of_turn, *check_stop(stop, allow_empty=False))))
 
     @classmethod
     def from_model(cls, model: ModelInfo, source: str | None = None) -> ChatTemplate:

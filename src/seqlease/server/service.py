@@ -72,10 +72,7 @@ class Service:
     def prepare_chat(self, body: ChatCompletionRequest) -> Prepared:
         """The chat's prompt (the model's template) and sampling, or a 400 saying why not."""
         messages = [message.plain() for message in body.messages]
-        # The caller's stop strings end a reply as well as the turn's end, never instead.
-        stop = (
-            [*body.stops(), *self.template.end_of_turn] if body.stop else self.template.default_stop
-        )
+        stop = self.template.stops(body.stops())  # the template's end of turn, and the caller's
         schema = body.response_format.reply_schema() if body.response_format else None
         return self._prepare(
             lambda: self.template.tokenize(self.model, messages),

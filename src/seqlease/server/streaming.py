@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
-from starlette.responses import Response
+from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 __all__ = ["ClientGone", "EventStream", "until_disconnected"]
@@ -57,7 +57,7 @@ async def until_disconnected(receive: Receive, work: Callable[[], Awaitable[T]])
     return done[0]
 
 
-class EventStream(Response):
+class EventStream(StreamingResponse):
     """``text/event-stream``: each event as ``data: {json}``, then ``data: [DONE]``.
 
     The response owns what the events need (a lease): ``cleanup`` runs when the stream ends,
@@ -70,27 +70,27 @@ class EventStream(Response):
         self, events: AsyncIterator[dict[str, Any]], cleanup: Callable[[], Awaitable[None]]
     ) -> None:
         """Stream ``events``; ``cleanup`` once the response is over, however it ends."""
-        # Not Response.__init__, which would declare an empty body's Content-Length.
-        self.status_code = 200
-        self.background = None
         # No caching, and no buffering by proxies such as nginx: events go out as made.
-        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._events = events
+        super().__init__(
+            _encoded(events), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
         self._cleanup = cleanup
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Send the events until they end or the client hangs up; then clean up."""
+        # Starlette's own __call__ watches for a hang-up only below ASGI 2.4; elsewhere it
+        # would notice one at the next send, and a reply would run on for nobody meanwhile.
         try:
-            await until_disconnected(receive, lambda: self._send_all(send))
+            await until_disconnected(receive, lambda: self.stream_response(send))
         except (ClientGone, OSError):
             logger.info("client hung up during a stream; its generation was stopped")
         finally:
             with anyio.CancelScope(shield=True):
                 await self._cleanup()
 
-    async def _send_all(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        async for event in self._events:
-            body = f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
-            await send({"type": "http.response.body", "body": body, "more_body": True})
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+async def _encoded(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """The events as server-sent event lines, ending in ``[DONE]`` as OpenAI's do."""
+    async for event in events:
+        yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+    yield b"data: [DONE]\n\n"
