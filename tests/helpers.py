@@ -5,57 +5,38 @@ from __future__ import annotations
 import time
 
 import seqlease
-from seqlease.engine.engine import Engine
 from seqlease.pool import SlotState
-
-
-def engine(ctx: seqlease.Context) -> Engine:
-    """The session backend's engine (tests look inside it; applications cannot)."""
-    found: Engine = ctx._backend.engine  # type: ignore[attr-defined]
-    return found
 
 
 def never_end(ctx: seqlease.Context) -> dict[int, float]:
     """A ``logit_bias`` that bans every end-of-generation token: the reply runs to its limit."""
-    model = ctx._backend.model  # type: ignore[attr-defined]
-    return {t: -100.0 for t in range(model.n_vocab) if model.is_eog(t)}
+    return dict.fromkeys(ctx.model.eog_tokens, -100.0)
 
 
 def held_tokens(ctx: seqlease.Context, seq_id: int) -> tuple[int, ...]:
     """The tokens the engine records for a sequence (llama.cpp should hold the same)."""
-    eng = engine(ctx)
-    with eng._guard:
-        return eng._ledger.tokens(seq_id)
+    return ctx.probe.held(seq_id)
 
 
 def fill(seq: seqlease.Sequence, n: int = 3) -> None:
     """Decode ``n`` tokens into a leased sequence so that clearing it has something to do."""
-    eng = engine(seq.context)
-    with eng._guard:
-        seq.check()
-        start = eng._native.seq_pos_max(seq.id) + 1
-        tokens = [100 + i for i in range(n)]
-        eng._native.decode([(t, start + i, seq.id, False) for i, t in enumerate(tokens)])
-        eng._ledger.appended(seq.id, tokens)  # recorded like the engine's own decodes
+    seq.check()
+    seq.context.probe.append(seq.id, [100 + i for i in range(n)])
 
 
 def native_pos_max(ctx: seqlease.Context, seq_id: int) -> int:
     """Ask llama.cpp (not seqlease's bookkeeping) for a sequence's highest position.
 
-    The completion backend keeps nothing per sequence: its answer is its own count.
+    The completion backend keeps nothing per sequence: its answer is -1.
     """
-    if ctx.backend.name != "session":
-        return ctx._backend.n_tokens(seq_id) - 1
-    eng = engine(ctx)
-    with eng._guard:
-        return eng._native.seq_pos_max(seq_id)
+    return ctx.probe.native_pos_max(seq_id)
 
 
 def free_slots_are_empty(ctx: seqlease.Context) -> list[int]:
     """Ids of free slots whose native memory still holds tokens (should be none)."""
     return [
         s.seq_id
-        for s in ctx._pool.slots()
+        for s in ctx.probe.slots()
         if s.state is SlotState.FREE and native_pos_max(ctx, s.seq_id) != -1
     ]
 
@@ -110,7 +91,7 @@ def native_context(
         ),
     )
     layout = layout or KvLayout(n_seq_max, n_ctx_seq, 0, 0, unified)
-    return NativeContext(lib, model, memory, context, layout)
+    return NativeContext(lib, model, memory, context, layout.cells)
 
 
 def completion_backend(path, **options):

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 import seqlease
-from seqlease.backends.session import SessionBackend
 from seqlease.native.library import load_library
 
 #: The per-sequence memory API that each release binds, from the releases' own sources (see
@@ -91,29 +90,21 @@ def native_state_size(ctx: seqlease.Context, seq_id: int) -> int:
     Bound in every release since 0.2.61, unlike ``seq_pos_max``, so "empty" is checked by
     llama.cpp itself on every generation.
     """
-    engine = session_engine(ctx)
-    with engine._guard:  # every native call holds the engine's guard
-        return int(load_library().llama_state_seq_get_size(engine._native.ptr, seq_id))
-
-
-def session_engine(ctx: seqlease.Context) -> Any:
-    """The engine behind a session-backend Context (``ctx.backend`` only names the backend)."""
     assert ctx.backend.name == "session"
-    backend = ctx._backend
-    assert isinstance(backend, SessionBackend)
-    return backend.engine
+    with ctx.probe.paused():  # every native call holds the engine's guard
+        return int(load_library().llama_state_seq_get_size(ctx.probe.context_ptr(), seq_id))
 
 
 def test_two_leases_batched_then_empty(ctx: seqlease.Context) -> None:
     empty = [native_state_size(ctx, i) for i in range(2)]
-    engine = session_engine(ctx)
+    probe = ctx.probe
     with ctx.lease(timeout=0) as a, ctx.lease(timeout=0) as b:
         alone = a.generate(PROMPT, max_tokens=TOKENS, temperature=0).result()
-        steps_before = engine.steps
+        steps_before = probe.steps
         gen_a = a.generate(PROMPT + " Please.", max_tokens=TOKENS, temperature=0)
         gen_b = b.generate(PROMPT, max_tokens=TOKENS, temperature=0)
         res_a, res_b = gen_a.result(), gen_b.result()
-        steps = engine.steps - steps_before
+        steps = probe.steps - steps_before
         held = [native_state_size(ctx, i) for i in (a.id, b.id)]
     assert res_a.text and res_b.text
     assert res_b.text == alone.text  # batching next to another sequence changes nothing
@@ -161,7 +152,7 @@ def test_prefix_is_copied_not_evaluated(ctx: seqlease.Context) -> None:
     """Every binding generation shares prefixes: one stream per sequence where the binding
     has ``kv_unified`` (whole copies), one buffer before it (partial copies)."""
     unified = "kv_unified" not in {f for f, *_ in load_library().llama_context_params._fields_}
-    assert ctx._backend.layout.unified is unified  # type: ignore[attr-defined]
+    assert ctx.probe.kv_unified is unified  # type: ignore[attr-defined]
     with ctx.lease(timeout=0) as seq:
         cold = seq.generate(LONG_PROMPT, max_tokens=TOKENS, temperature=0).result()
     before = ctx.stats()
@@ -186,7 +177,7 @@ def test_kv_unified_false_needs_a_binding_that_has_it() -> None:
     version = metadata.version("llama-cpp-python")
     if version_tuple(version) >= (0, 3, 15):
         with seqlease.Context(sequences=2, n_ctx=256, n_threads=1, kv_unified=False) as ctx:
-            assert ctx._backend.layout.unified is False  # type: ignore[attr-defined]
+            assert ctx.probe.kv_unified is False  # type: ignore[attr-defined]
         return
     with pytest.raises(
         seqlease.BackendUnavailableError,
@@ -200,9 +191,7 @@ KV_LINE = re.compile(r"K \((\w+)\):\s*([\d.]+) MiB, V \((\w+)\):\s*([\d.]+) MiB"
 
 def native_ptr(ctx: seqlease.Context) -> Any:
     """The ``llama_context *`` behind a Context, whichever backend it runs on."""
-    if ctx.backend.name == "session":
-        return session_engine(ctx)._native.ptr
-    return ctx._backend.llama.ctx  # type: ignore[attr-defined]
+    return ctx.probe.context_ptr()
 
 
 def test_options_read_back_from_llama_cpp(caplog: pytest.LogCaptureFixture) -> None:

@@ -25,7 +25,6 @@ import pytest
 import seqlease
 from helpers import completion_backend
 from seqlease.backends.completion import CompletionBackend
-from seqlease.backends.guard import Guard
 from seqlease.backends.worker import JobWorker
 from seqlease.errors import (
     ContextClosedError,
@@ -39,7 +38,7 @@ from seqlease.errors import (
 )
 from seqlease.native.library import load_library
 from seqlease.native.model import NativeModel
-from seqlease.request.job import Channel, Job, Result
+from seqlease.request.job import Channel, Request, Result
 from seqlease.request.params import sanitize
 from seqlease.request.prompt import prompt_tokens
 from seqlease.request.stream import AsyncGeneration, Generation
@@ -107,9 +106,9 @@ def run(backend: CompletionBackend, tokens: list[int], seq_id: int = 0, **kw: An
     return chunks, bounded(gen.result)
 
 
-def end_of(job: Job) -> Result | BaseException:
+def end_of(job: Request) -> Result | BaseException:
     """How ``job`` ended, once the worker has let go of it."""
-    assert job.done.wait(TIMEOUT)
+    assert job.channel.done.wait(TIMEOUT)
     end = job.channel.wait_end(0)
     assert end is not None  # the end is recorded before done is set
     return end
@@ -149,17 +148,17 @@ class JobChannel(Channel):
 
     def __init__(self) -> None:
         super().__init__()
-        self._job: Job | None = None
+        self._job: Request | None = None
         self._attached = threading.Event()
 
-    def attach(self, job: Job) -> Job:
+    def attach(self, job: Request) -> Request:
         """Called with what ``generate`` returned."""
         self._job = job
         self._attached.set()
         return job
 
     @property
-    def job(self) -> Job:
+    def job(self) -> Request:
         assert self._attached.wait(TIMEOUT)
         assert self._job is not None
         return self._job
@@ -221,7 +220,6 @@ class Held:
 def test_identity_and_no_per_sequence_tokens(backend: CompletionBackend) -> None:
     assert backend.name == "completion"
     assert isinstance(backend, JobWorker)  # the worker thread both backends run on
-    assert isinstance(backend._guard, Guard)  # one lock type, handed over in arrival order
     run(backend, tokens_of(backend), temperature=0, max_tokens=4)
     # Nothing is kept per sequence: Llama's own prefix cache is not a sequence's memory.
     assert [backend.n_tokens(i) for i in range(OPTIONS["sequences"])] == [0, 0, 0, 0]
@@ -358,21 +356,31 @@ def test_held_back_text_that_is_no_marker_is_released(backend: CompletionBackend
 def test_cancel_with_generation_close_mid_stream(backend: CompletionBackend) -> None:
     tokens = tokens_of(backend)
     # The worker is held after the first chunk until the consumer gives up: no race with a
-    # fast model. Generation reads the job's channel, here a HeldChannel in place of its own.
-    held = HeldChannel()
+    # fast model. Generation makes and reads its own channel; its put is wrapped to hold.
+    first_text = threading.Event()
 
-    def start(channel: Channel) -> Job:
+    def start(channel: Channel) -> Request:
         assert type(channel) is Channel and not channel.ended  # a plain one, not notifying
-        return held.attach(
-            backend.generate(0, tokens, sanitize(temperature=0, max_tokens=100), None, held)
-        )
+        put = channel.put
+
+        def held_put(text: str) -> None:
+            put(text)
+            if not first_text.is_set():
+                first_text.set()
+                deadline = time.monotonic() + TIMEOUT
+                while not channel.cancelled.is_set():
+                    assert time.monotonic() < deadline
+                    time.sleep(0.001)
+
+        channel.put = held_put  # type: ignore[method-assign]
+        return backend.generate(0, tokens, sanitize(temperature=0, max_tokens=100), None, channel)
 
     gen = Generation(0, start)
-    assert held.first_text.wait(TIMEOUT)
+    assert first_text.wait(TIMEOUT)
     chunk = bounded(lambda: next(gen))
     assert chunk
     bounded(gen.close)  # cancels and waits for the worker to let go
-    assert held.job.done.is_set()
+    assert gen.finished
     result = bounded(gen.result)
     assert result.finish_reason == "cancelled"
     assert result.n_generated < 100
@@ -459,11 +467,8 @@ def test_bad_prompts_raise_before_any_call(
         tiny_model_path(), backend="completion", sequences=1, n_ctx=N_CTX, n_batch=32, n_threads=1
     )
     try:
-        inner = ctx._backend
-        assert isinstance(inner, CompletionBackend)
-        spans = Spans(inner, monkeypatch)
         with ctx.lease(timeout=0) as seq:
-            n_vocab = inner.model.n_vocab
+            n_vocab = ctx.model.n_vocab
             with pytest.raises(EmptyPromptError, match="at least one"):
                 seq.generate([])
             with pytest.raises(EmptyPromptError, match="empty"):
@@ -473,7 +478,7 @@ def test_bad_prompts_raise_before_any_call(
             with pytest.raises(ContextOverflowError, match=rf"{N_CTX} tokens but"):
                 seq.generate([5] * N_CTX)
             time.sleep(0.05)
-            assert (spans.entered, inner.completed) == ([], 0)
+            assert ctx.probe.completed == 0
             gen = seq.generate([5] * (N_CTX - 1), temperature=0, max_tokens=10)
             assert bounded(gen.result).n_generated == 1
     finally:
@@ -558,7 +563,7 @@ def test_same_sequence_twice_is_busy(backend: CompletionBackend) -> None:
 
 def test_next_generation_can_start_from_the_end(backend: CompletionBackend) -> None:
     tokens = tokens_of(backend)
-    chained: queue.SimpleQueue[Job | Exception] = queue.SimpleQueue()
+    chained: queue.SimpleQueue[Request | Exception] = queue.SimpleQueue()
 
     class Chain(Channel):
         """Starts the next generation on the same sequence as its end is delivered."""
@@ -577,7 +582,7 @@ def test_next_generation_can_start_from_the_end(backend: CompletionBackend) -> N
 
     first = backend.generate(3, tokens, sanitize(temperature=0, max_tokens=2), None, Chain())
     second = chained.get(timeout=TIMEOUT)
-    assert isinstance(second, Job), second  # the sequence was free before its end was heard
+    assert isinstance(second, Request), second  # the sequence was free before its end was heard
     end = end_of(first)
     assert isinstance(end, Result) and end.n_generated == 2, end
     end = end_of(second)
@@ -588,7 +593,7 @@ def test_clear_sequence_cancels_a_running_job(backend: CompletionBackend) -> Non
     held = Held(backend, 1, max_tokens=100)
     assert held.first_text.wait(TIMEOUT)
     bounded(lambda: backend.clear_sequence(1))
-    assert held.job.done.is_set()  # clear_sequence waited for the end
+    assert held.job.channel.done.is_set()  # clear_sequence waited for the end
     result = held.result()
     assert result.finish_reason == "cancelled"
     assert result.n_generated < 100
@@ -611,7 +616,7 @@ def test_clear_sequence_of_a_queued_job_does_not_wait_for_others(
     assert time.monotonic() - started < 1
     assert gen.finished  # ended by the clear itself, not by the worker
     assert bounded(gen.result).finish_reason == "cancelled"
-    assert not held.job.done.is_set()
+    assert not held.job.channel.done.is_set()
     held.release.set()
     held.result()
     assert spans.entered == [tuple(tokens_of(backend))]  # the cleared job never ran
@@ -641,29 +646,29 @@ def test_close_cancels_everything_and_is_idempotent(fresh: CompletionBackend) ->
 
 def test_close_on_the_worker_thread_frees_as_it_exits(fresh: CompletionBackend) -> None:
     # A finalizer (Context dropped without close) may run on the worker thread itself.
-    at_close: list[tuple[int, bool]] = []
+    at_close: list[tuple[str, bool]] = []
 
     class ClosingChannel(JobChannel):
         def put(self, text: str) -> None:
             super().put(text)
             if not at_close:
-                job = self.job
+                assert self.job
                 fresh.close()  # must neither join itself nor free the Llama under its own feet
-                at_close.append((job.n_generated, fresh.freed))
+                at_close.append((text, fresh.freed))
 
     channel = ClosingChannel()
     job = channel.attach(
         fresh.generate(0, tokens_of(fresh), sanitize(temperature=0, max_tokens=50), None, channel)
     )
-    assert job.done.wait(TIMEOUT)
+    assert job.channel.done.wait(TIMEOUT)
     fresh._thread.join(TIMEOUT)
     assert not fresh._thread.is_alive()
     assert fresh.freed  # as the thread exited
-    n_generated, freed_at_close = at_close[0]
+    first_text, freed_at_close = at_close[0]
     assert not freed_at_close  # not while the worker still ran
-    assert job.n_generated == n_generated  # cancelled right after the first text
     end = end_of(job)
     assert isinstance(end, Result) and end.finish_reason == "cancelled", end
+    assert end.text == first_text  # cancelled right after the first text
     with pytest.raises(ContextClosedError):
         fresh.model.tokenize("hello")
     bounded(fresh.close)
@@ -758,7 +763,7 @@ def test_prefix_reuse_evaluates_only_what_is_new(backend: CompletionBackend) -> 
     # Reuse never changes the reply: a cold start gives the same text.
     _, other = run(backend, tokens_of(backend, "world"), temperature=0, max_tokens=2)
     assert other.n_evaluated == other.n_prompt - 1
-    with backend._guard:  # the Llama is touched only under the guard
+    with backend.make_probe(tuple).paused():  # the Llama is touched only under the guard
         llama.reset()  # forget everything: a cold start
     _, r4 = run(backend, second, temperature=0, max_tokens=6)
     assert r4.n_evaluated == r4.n_prompt

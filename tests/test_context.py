@@ -60,7 +60,7 @@ def test_release_order_session_then_memory_then_handoff(ctx):
 
     def close_session() -> None:
         events.append(f"session closed, memory max pos {native_pos_max(ctx, seq.id)}")
-        events.append(f"slot still out: free={ctx._pool.stats().free}")
+        events.append(f"slot still out: free={ctx.stats().free}")
 
     seq.add_closer(close_session)
     seq.release()
@@ -151,9 +151,9 @@ def test_close_fails_waiters_and_refuses_new_leases():
     # Native memory stays until the last lease is back: the held handle still works.
     fill(held)
     assert held.n_tokens == 3
-    assert not ctx._backend.freed
+    assert not ctx.probe.freed
     held.release()
-    assert ctx._backend.freed
+    assert ctx.probe.freed
     assert ctx.stats().rejected == 1
 
 
@@ -172,7 +172,7 @@ def test_close_waits_for_leases_of_other_threads():
     start = time.monotonic()
     ctx.close()
     assert time.monotonic() - start >= 0.1
-    assert ctx._backend.freed
+    assert ctx.probe.freed
     t.join()
 
 
@@ -188,10 +188,10 @@ def test_close_timeout_defers_native_free():
     t.start()
     wait_for(lambda: ctx.stats().leased == 1)
     ctx.close(timeout=0.05)
-    assert not ctx._backend.freed
+    assert not ctx.probe.freed
     release.set()
     t.join(5)
-    assert ctx._backend.freed
+    assert ctx.probe.freed
     ctx.close()  # idempotent
 
 

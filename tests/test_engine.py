@@ -11,7 +11,7 @@ import threading
 import pytest
 
 import seqlease
-from helpers import engine, held_tokens, native_pos_max, never_end, wait_for
+from helpers import held_tokens, native_pos_max, never_end, wait_for
 from seqlease.request.text import TextAssembler
 
 by_id = operator.attrgetter("id")
@@ -62,9 +62,9 @@ def _concurrent(ctx: seqlease.Context, prompts: list[str], **kw):
 
 def test_eight_concurrent_greedy_generations_match_serial(ctx):
     serial = _serial(ctx, PROMPTS, temperature=0, max_tokens=24, logprobs=True)
-    steps_before = engine(ctx).steps
+    steps_before = ctx.probe.steps
     batched = _concurrent(ctx, PROMPTS, temperature=0, max_tokens=24, logprobs=True)
-    steps = engine(ctx).steps - steps_before
+    steps = ctx.probe.steps - steps_before
     generated = sum(r.n_generated for r in batched)
     # With one KV stream per sequence, batching changes no bit (docs/concepts/prefixes.md,
     # "Same reply, copied or not").
@@ -94,22 +94,20 @@ def test_a_neighbours_prompt_changes_no_bit_of_a_reply() -> None:
         for text in (prompt, neighbour):
             with ctx.lease() as seq:
                 alone[text] = bits(seq.generate(text, **greedy).result())
-        eng = engine(ctx)
+        probe = ctx.probe
         calls: list[tuple[int, dict[int, int]]] = []  # (step, {sequence: tokens}) per decode
-        decode = eng._native.decode
 
         def recorded(entries: list[tuple[int, int, int, bool]]) -> None:
-            calls.append((eng.steps, collections.Counter(seq_id for _, _, seq_id, _ in entries)))
-            decode(entries)
+            calls.append((probe.steps, collections.Counter(seq_id for _, _, seq_id, _ in entries)))
 
-        eng._native.decode = recorded
+        probe.observe_decodes(recorded)
         with contextlib.ExitStack() as stack:
             leases = sorted((stack.enter_context(ctx.lease()) for _ in range(3)), key=by_id)
             decoder, left, right = leases
             forever = never_end(ctx)
             endless = decoder.generate("Once upon a time", max_tokens=100, logit_bias=forever)
             next(endless)
-            with eng._guard:  # the engine waits between steps: both prompts start in the next
+            with probe.paused():  # the engine waits between steps: both prompts start in the next
                 replies = {
                     neighbour: left.generate(neighbour, **greedy),
                     prompt: right.generate(prompt, **greedy),
@@ -131,7 +129,7 @@ def test_a_release_does_not_wait_for_another_sequences_reply(ctx):
         next(other)
         with ctx.lease() as mine:
             mine.generate("Hello there", max_tokens=2).result()
-        assert not other._job.done.is_set()  # released while the other reply still runs
+        assert not other.finished  # released while the other reply still runs
         other.close()
 
 
@@ -173,10 +171,10 @@ def test_cancel_one_sequence_mid_batch(ctx):
         for i, _ in enumerate(gen):
             if i == 3:
                 break
-        steps = engine(ctx).steps
+        steps = ctx.probe.steps
         gen.close()
         # Stopped within a step (one may already be under way when we ask).
-        assert engine(ctx).steps - steps <= 2
+        assert ctx.probe.steps - steps <= 2
         assert gen.result().finish_reason == "cancelled"
         # The sequence is consistent: llama.cpp holds exactly the tokens seqlease tracks.
         assert seq.n_tokens == len(held_tokens(ctx, seq.id))
@@ -207,6 +205,7 @@ def test_abort_event_and_task_cancellation(ctx):
                 async for _ in seq.agenerate(prompt, temperature=0, max_tokens=200):
                     pass
 
+            completed = ctx.probe.completed
             task = asyncio.create_task(read())
             await asyncio.sleep(0.05)
             task.cancel()
@@ -214,7 +213,7 @@ def test_abort_event_and_task_cancellation(ctx):
                 await task
             # The engine lets go of the sequence promptly, so release does not wait long.
             await asyncio.get_running_loop().run_in_executor(
-                None, lambda: wait_for(lambda: not engine(ctx)._jobs._live, 2)
+                None, lambda: wait_for(lambda: ctx.probe.completed > completed, 2)
             )
 
     asyncio.run(main())
@@ -223,12 +222,12 @@ def test_abort_event_and_task_cancellation(ctx):
 
 def test_prompt_overflow_raises_before_any_native_call(ctx):
     with ctx.lease() as seq:
-        steps = engine(ctx).steps
+        steps = ctx.probe.steps
         long_prompt = "word " * 400
         with pytest.raises(seqlease.ContextOverflowError, match=r"n_ctx=256") as info:
             seq.generate(long_prompt)
         assert "tokens" in str(info.value)
-        assert engine(ctx).steps == steps
+        assert ctx.probe.steps == steps
         assert seq.n_tokens == 0
 
 
@@ -236,7 +235,7 @@ def test_prompt_overflow_raises_before_any_native_call(ctx):
 def test_prompt_and_reply_fill_n_ctx_exactly(n_prompt: int) -> None:
     # Off by one before: a prompt of n_ctx - 1 tokens got 2 reply tokens (n_ctx + 1 in all).
     with seqlease.Context(sequences=2, n_ctx=32, n_threads=1) as small, small.lease() as seq:
-        model = small._backend.model
+        model = small.model
         prompt = model.tokenize("one two three four five six seven eight nine ten") * 8
         prompt = prompt[:n_prompt]
         gen = seq.generate(prompt, temperature=0, max_tokens=500, logit_bias=never_end(small))
@@ -247,7 +246,7 @@ def test_prompt_and_reply_fill_n_ctx_exactly(n_prompt: int) -> None:
 
 
 def test_prefix_reuse_evaluates_only_the_suffix(ctx):
-    model = ctx._backend.model
+    model = ctx.model
     with ctx.lease() as seq:
         first = seq.generate("The history of the printing press", temperature=0, max_tokens=16)
         r1 = first.result()
@@ -258,12 +257,12 @@ def test_prefix_reuse_evaluates_only_the_suffix(ctx):
         common = 0
         while common < min(len(held), len(tokens)) and held[common] == tokens[common]:
             common += 1
-        before = engine(ctx).evaluated
+        before = ctx.probe.evaluated
         r2 = seq.generate(tokens, temperature=0, max_tokens=4).result()
         assert r2.n_evaluated == len(tokens) - common
         assert r2.n_evaluated < len(tokens) // 2
         # What the engine decoded: the suffix, then one token per generated token but the last.
-        assert engine(ctx).evaluated - before == r2.n_evaluated + r2.n_generated - 1
+        assert ctx.probe.evaluated - before == r2.n_evaluated + r2.n_generated - 1
 
 
 def test_stop_string_never_leaks_into_the_stream(ctx):
@@ -279,9 +278,9 @@ def test_stop_string_never_leaks_into_the_stream(ctx):
 
 
 def test_utf8_split_across_tokens_is_reassembled(ctx):
-    model = ctx._backend.model
+    model = ctx.model
     text = "héllo 😀 wörld ñ"
-    pieces = [model.token_to_piece(t) for t in model.tokenize(text, add_special=False)]
+    pieces = [model.token_to_piece(t) for t in model.tokenize(text, add_bos=False)]
     broken = []
     for piece in pieces:
         try:

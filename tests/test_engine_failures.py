@@ -1,8 +1,9 @@
 """Engine failure paths, with faults injected into seqlease's own native adapter.
 
 llama.cpp cannot be made to answer "no KV slot" or "invalid batch" on demand, so these tests
-wrap ``NativeContext.decode`` (seqlease's code, not the binding) to fail the way llama.cpp
-reports failures; every other call, and every successful decode, is the real llama.cpp.
+make ``NativeContext.decode`` (seqlease's code, not the binding) fail the way llama.cpp reports
+failures, through the probe's decode observer; every other call, and every successful decode,
+is the real llama.cpp.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import threading
 import pytest
 
 import seqlease
-from helpers import engine, held_tokens
+from helpers import held_tokens
 from seqlease.errors import DecodeError
 from tiny_model import tiny_model_path
 
@@ -25,8 +26,6 @@ def ctx():
 
 def _inject(ctx: seqlease.Context, fail) -> list[int]:
     """Make ``fail(n_tokens)`` decide, per decode, whether to raise; returns the batch sizes."""
-    native = engine(ctx)._native
-    real = native.decode
     sizes: list[int] = []
 
     def decode(entries):
@@ -34,9 +33,8 @@ def _inject(ctx: seqlease.Context, fail) -> list[int]:
         error = fail(entries)
         if error is not None:
             raise error
-        real(entries)
 
-    native.decode = decode  # type: ignore[method-assign]
+    ctx.probe.observe_decodes(decode)
     return sizes
 
 
@@ -77,9 +75,26 @@ def test_a_failed_decode_reaches_only_its_callers_and_the_engine_lives_on(ctx):
         assert bad.generate("hello", temperature=0, max_tokens=3).result().n_generated >= 1
 
 
-def test_a_dead_engine_fails_callers_instead_of_hanging(ctx):
+def test_an_exception_inside_the_decode_fails_only_that_calls_replies(ctx):
+    # A validation ValueError (or any bug) in the shared decode used to kill the engine.
+    broken = threading.Event()
+    broken.set()
+
     def fail(entries):
-        return RuntimeError("simulated bug in the engine")
+        return ValueError("simulated bad batch") if broken.is_set() else None
+
+    _inject(ctx, fail)
+    with ctx.lease() as seq:
+        with pytest.raises(seqlease.NativeError, match="simulated bad batch"):
+            seq.generate("hello", max_tokens=4).result()
+        assert seq.n_tokens == len(held_tokens(ctx, seq.id)) == 0
+        broken.clear()
+        assert seq.generate("hello", temperature=0, max_tokens=3).result().n_generated >= 1
+
+
+def test_a_dead_engine_fails_callers_instead_of_hanging(ctx):
+    def fail(entries):  # llama.cpp's "compute failed": the context is unusable
+        return DecodeError("llama_decode returned -3: compute failed", -3)
 
     _inject(ctx, fail)
     with ctx.lease() as seq:

@@ -17,10 +17,10 @@ import pytest
 
 import seqlease
 from helpers import free_slots_are_empty, settle
-from seqlease.engine import engine as engine_module
+from seqlease.engine import sampling
 from seqlease.engine.ledger import KvLedger
 from seqlease.native.sampler import SamplerChain
-from seqlease.request.job import Job
+from seqlease.request.reply import ReplyWriter
 from seqlease.request.text import TextAssembler
 
 pytestmark = pytest.mark.timeout(120)
@@ -76,12 +76,12 @@ def _run_four(ctx: seqlease.Context) -> tuple[list[str], tuple[BaseException, fl
     return texts, (failure[0] if failure else None)
 
 
-def _is_faulty_job(job: Job) -> bool:
-    return job.params.seed == FAULT_SEED
+def _is_faulty(reply: ReplyWriter) -> bool:
+    return reply.request.params.seed == FAULT_SEED
 
 
 def _fault_when_starting(mp: pytest.MonkeyPatch, ctx: seqlease.Context) -> None:
-    faulty_tokens = ctx._backend.model.tokenize(FAULTY)
+    faulty_tokens = ctx.model.tokenize(FAULTY)
     real = KvLedger.common
 
     def common(self: KvLedger, seq_id: int, prompt: list[int]) -> int:
@@ -93,35 +93,35 @@ def _fault_when_starting(mp: pytest.MonkeyPatch, ctx: seqlease.Context) -> None:
 
 
 def _fault_building_the_sampler(mp: pytest.MonkeyPatch, ctx: seqlease.Context) -> None:
-    real = engine_module.build_sampler
+    real = sampling.build_sampler
 
-    def build(lib, params, model):  # type: ignore[no-untyped-def]
+    def build(lib, native, params):  # type: ignore[no-untyped-def]
         if params.seed == FAULT_SEED:
             raise MemoryError("injected: sampler chain could not be built")
-        return real(lib, params, model)
+        return real(lib, native, params)
 
-    mp.setattr(engine_module, "build_sampler", build)
+    mp.setattr(sampling, "build_sampler", build)
 
 
 def _fault_when_sampling(mp: pytest.MonkeyPatch, ctx: seqlease.Context) -> None:
-    real = engine_module.build_sampler
+    real = sampling.build_sampler
 
     class Faulty(SamplerChain):
         draws = 0
 
-        def sample(self, context: object, row: int) -> int:
+        def sample(self, row: int) -> int:
             self.draws += 1
             if self.draws == 3:
                 raise RuntimeError("injected: sampling failed")
-            return super().sample(context, row)  # type: ignore[arg-type]
+            return super().sample(row)
 
-    def build(lib, params, model):  # type: ignore[no-untyped-def]
-        chain = real(lib, params, model)
+    def build(lib, native, params):  # type: ignore[no-untyped-def]
+        chain = real(lib, native, params)
         if params.seed == FAULT_SEED:
             chain.__class__ = Faulty
         return chain
 
-    mp.setattr(engine_module, "build_sampler", build)
+    mp.setattr(sampling, "build_sampler", build)
 
 
 def _fault_when_detokenizing(mp: pytest.MonkeyPatch, ctx: seqlease.Context) -> None:
@@ -136,14 +136,14 @@ def _fault_when_detokenizing(mp: pytest.MonkeyPatch, ctx: seqlease.Context) -> N
 
 
 def _fault_when_delivering(mp: pytest.MonkeyPatch, ctx: seqlease.Context) -> None:
-    real = Job.say
+    real = ReplyWriter._say
 
-    def say(self: Job, text: str) -> None:
-        if _is_faulty_job(self) and self.n_generated >= 2:
+    def say(self: ReplyWriter, text: str) -> None:
+        if _is_faulty(self) and self.n_generated >= 2:
             raise BrokenPipeError("injected: delivering text failed")
         real(self, text)
 
-    mp.setattr(Job, "say", say)
+    mp.setattr(ReplyWriter, "_say", say)
 
 
 STAGES: dict[str, Callable[[pytest.MonkeyPatch, seqlease.Context], None]] = {
@@ -188,8 +188,6 @@ def test_a_fault_fails_only_its_own_job(
 
 def test_a_fatal_decode_error_stops_the_engine_and_fails_every_caller_at_once() -> None:
     with seqlease.Context(sequences=2, n_ctx=256, n_threads=1, backend="session") as ctx:
-        native = ctx._backend.engine._native  # type: ignore[attr-defined]
-        real = native.decode
         calls = 0
 
         def decode(entries):  # type: ignore[no-untyped-def]
@@ -197,9 +195,8 @@ def test_a_fatal_decode_error_stops_the_engine_and_fails_every_caller_at_once() 
             calls += 1
             if calls == 6:  # what llama.cpp returns when its context is broken for good
                 raise seqlease.DecodeError("llama_decode returned -3: fatal error", -3)
-            real(entries)
 
-        native.decode = decode
+        ctx.probe.observe_decodes(decode)
         with ctx.lease() as a, ctx.lease() as b:
             ga = a.generate("Count slowly: one, two,", temperature=0, max_tokens=100)
             gb = b.generate("The ocean is", temperature=0, max_tokens=100)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import seqlease
-from helpers import completion_backend, engine
+from helpers import completion_backend
 from seqlease.native.library import load_library
 from seqlease.native.params import KV_TYPES, llama_kwargs, resolve
 from seqlease.options import KV_TYPE_NAMES, ContextOptions, ModelOptions
@@ -30,9 +30,7 @@ KV_LINE = re.compile(r"K \((\w+)\):\s*([\d.]+) MiB, V \((\w+)\):\s*([\d.]+) MiB"
 
 def native_ptr(ctx: seqlease.Context) -> Any:
     """The ``llama_context *`` behind a Context, whichever backend it runs on."""
-    if ctx.backend.name == "session":
-        return engine(ctx)._native.ptr
-    return ctx._backend.llama.ctx  # type: ignore[attr-defined]
+    return ctx.probe.context_ptr()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import seqlease
-from helpers import engine, free_slots_are_empty, settle
+from helpers import free_slots_are_empty, settle
 from seqlease.persist.frame import pack, unpack
 from tiny_model import tiny_model_path
 
@@ -154,15 +154,15 @@ def test_resumed_chat_continues_with_exactly_the_uninterrupted_text(ctx):
         resumed = seqlease.ChatSession.resume(seq, seqlease.SavedChat.from_bytes(blob))
         assert resumed.resumed_from == "state"
         assert resumed.history == history[:-2]
-        steps = engine(fresh).evaluated
+        steps = fresh.probe.evaluated
         reply = resumed.prompt(QUESTIONS[3], **GREEDY)
         result = resumed.last_result
         assert reply == expected
         assert result.n_evaluated == uninterrupted.n_evaluated
         # Turn 4's tokens: the new user message and the template around it, nothing earlier.
-        turn_4 = len(seq.context._backend.model.tokenize(QUESTIONS[3])) + 16
+        turn_4 = len(seq.model.tokenize(QUESTIONS[3])) + 16
         assert result.n_evaluated < turn_4 < result.n_prompt / 5
-        assert engine(fresh).evaluated - steps == result.n_evaluated + result.n_generated - 1
+        assert fresh.probe.evaluated - steps == result.n_evaluated + result.n_generated - 1
         assert resumed.history == history
 
 

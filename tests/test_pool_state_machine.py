@@ -27,7 +27,6 @@ from hypothesis.stateful import (
 
 import seqlease
 from helpers import (
-    engine,
     fill,
     free_slots_are_empty,
     held_tokens,
@@ -89,7 +88,7 @@ class PoolMachine(RuleBasedStateMachine):
         # failed half-way (the next example reuses this context).
         self.handed_out: list[seqlease.Sequence] = []
         self.expect = {"acquires": 0, "releases": 0, "timeouts": 0, "leaked": 0, "double": 0}
-        self.lease_numbers = [s.lease_number for s in self.ctx._pool.slots()]
+        self.lease_numbers = [s.lease_number for s in self.ctx.probe.slots()]
 
     def teardown(self) -> None:
         for seq in getattr(self, "handed_out", ()):
@@ -252,7 +251,7 @@ class PoolMachine(RuleBasedStateMachine):
 
     @invariant()
     def lease_numbers_only_grow(self) -> None:
-        now = [s.lease_number for s in self.ctx._pool.slots()]
+        now = [s.lease_number for s in self.ctx.probe.slots()]
         assert all(a <= b for a, b in zip(self.lease_numbers, now, strict=True))
         self.lease_numbers = now
 
@@ -260,17 +259,17 @@ class PoolMachine(RuleBasedStateMachine):
     def free_slots_have_empty_native_memory(self) -> None:
         assert free_slots_are_empty(self.ctx) == []
         assert all(
-            s.state is SlotState.FREE or s.seq_id in self.live for s in self.ctx._pool.slots()
+            s.state is SlotState.FREE or s.seq_id in self.live for s in self.ctx.probe.slots()
         )
 
     @invariant()
     def memory_agrees_with_the_record(self) -> None:
         # Every sequence id, leased ones and the cache's: llama.cpp holds what seqlease records.
-        eng = engine(self.ctx)
-        with eng._guard:
-            for seq_id in range(eng._native.n_seq_max):
-                held = eng._ledger.n_tokens(seq_id)
-                assert eng._native.seq_pos_max(seq_id) == held - 1, seq_id
+        probe = self.ctx.probe
+        with probe.paused():
+            for seq_id in probe.sequence_ids:
+                held = len(probe.held(seq_id))
+                assert probe.native_pos_max(seq_id) == held - 1, seq_id
 
     @invariant()
     def cache_within_budget(self) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 import seqlease
-from helpers import engine, held_tokens, native_context, native_pos_max, settle
+from helpers import held_tokens, native_context, native_pos_max, settle
 from seqlease.engine.layout import plan_layout
 from seqlease.engine.ledger import KvLedger
 from seqlease.engine.prefixes import MIN_SHARED, Prefixes
@@ -77,7 +77,7 @@ def chat_turn(ctx: seqlease.Context, system: str, text: str) -> tuple[str, seqle
 
 @pytest.mark.parametrize("words", [SHORT, LONG], ids=["short", "long"])
 def test_warm_reply_equals_cold_reply(ctx: seqlease.Context, words: int) -> None:
-    system = system_prompt(f"Ada-{words}-{ctx._backend.layout.unified}", words)  # type: ignore[attr-defined]
+    system = system_prompt(f"Ada-{words}-{ctx.probe.kv_unified}", words)
     hits = ctx.stats().prefix_hits
     cold, cold_result, copied = chat_turn(ctx, system, "Which units do you use?")
     assert copied == 0
@@ -92,7 +92,7 @@ def test_warm_reply_equals_cold_reply(ctx: seqlease.Context, words: int) -> None
     other, other_result, copied = chat_turn(ctx, system, "Who are you?")
     assert other_result.n_evaluated + copied == other_result.n_prompt
     assert other_result.n_evaluated < 20
-    if ctx._backend.layout.unified:  # type: ignore[attr-defined]
+    if ctx.probe.kv_unified:
         # One buffer: the copied cells sit elsewhere than a fresh evaluation puts them, and
         # llama.cpp's attention sums over cells in buffer order, so the last bits (and at a
         # near-tie a greedy token) may differ. Exactness is what one stream per sequence buys.
@@ -102,7 +102,7 @@ def test_warm_reply_equals_cold_reply(ctx: seqlease.Context, words: int) -> None
 
 
 def test_another_system_prompt_gets_no_false_hit(ctx: seqlease.Context) -> None:
-    model = ctx._backend.model
+    model = ctx.model
     first = system_prompt("Bea", SHORT) + " Question: what are your opening hours?"
     second = system_prompt("Bo", SHORT) + " Question: what are your opening hours?"
     third = system_prompt("Bea", SHORT) + " Question: can I renew a book online?"
@@ -140,14 +140,13 @@ def test_every_lease_starts_empty(ctx: seqlease.Context) -> None:
 
 
 def _state_size(ctx: seqlease.Context, seq_id: int) -> int:
-    eng = engine(ctx)
-    with eng._guard:
-        return int(eng._lib.llama_state_seq_get_size(eng._native.ptr, seq_id))
+    with ctx.probe.paused():
+        return int(load_library().llama_state_seq_get_size(ctx.probe.context_ptr(), seq_id))
 
 
 def test_no_private_turn_crosses_leases(ctx: seqlease.Context) -> None:
     system = system_prompt("Dee", SHORT)
-    model = ctx._backend.model
+    model = ctx.model
     secret = "My locker code is 73-19-44, keep it safe."
     with ctx.lease() as alice:
         chat = seqlease.ChatSession(alice, system_prompt=system)
@@ -164,7 +163,7 @@ def test_no_private_turn_crosses_leases(ctx: seqlease.Context) -> None:
             bob_state = _state_size(ctx, bob.id)
             # llama.cpp holds exactly Bob's own tokens: nothing past his prompt and reply.
             assert native_pos_max(ctx, bob.id) == len(bob_tokens) - 1
-            secret_tokens = model.tokenize(secret, add_special=False)
+            secret_tokens = model.tokenize(secret, add_bos=False)
             assert not _contains(bob_tokens, secret_tokens)
             assert _contains(held_by_alice, secret_tokens)
             assert "73" not in bob_chat.history[-1]["content"]
@@ -181,7 +180,7 @@ def _same_shape(ctx: seqlease.Context) -> seqlease.Context:
         sequences=ctx.sequences,
         n_ctx=ctx.n_ctx,
         prefix_cache_tokens=4096,
-        kv_unified=ctx._backend.layout.unified,  # type: ignore[attr-defined]
+        kv_unified=ctx.probe.kv_unified,
     )
 
 
@@ -234,7 +233,7 @@ def test_new_shared_prefix_is_evaluated_once_by_a_burst() -> None:
     system = system_prompt("Fay", 220)
     questions = [f"Question {i}: is book {100 + i} available?" for i in range(n)]
     with seqlease.Context(sequences=n, n_ctx=1024) as ctx:
-        model = ctx._backend.model
+        model = ctx.model
         prompts = [model.tokenize(system + " " + q) for q in questions]
         start = threading.Barrier(n)
         results: list[seqlease.Result | None] = [None] * n
@@ -245,7 +244,7 @@ def test_new_shared_prefix_is_evaluated_once_by_a_burst() -> None:
                 results[i] = seq.generate(prompts[i], temperature=0, max_tokens=4).result()
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-        before = engine(ctx).evaluated
+        before = ctx.probe.evaluated
         for t in threads:
             t.start()
         for t in threads:
@@ -259,7 +258,7 @@ def test_new_shared_prefix_is_evaluated_once_by_a_burst() -> None:
         assert evaluated < 2 * max(len(p) for p in prompts)
         assert ctx.stats().prefix_hits == n - 1
         generated_back = sum(r.n_generated - 1 for r in done)  # fed back by decode steps
-        assert engine(ctx).evaluated - before == evaluated + generated_back
+        assert ctx.probe.evaluated - before == evaluated + generated_back
 
 
 @pytest.mark.parametrize("unified", [False, True], ids=["streams", "unified"])

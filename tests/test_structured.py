@@ -19,7 +19,7 @@ import pydantic
 import pytest
 
 import seqlease
-from helpers import engine, settle
+from helpers import settle
 from seqlease.native.grammar import schema_to_gbnf
 from seqlease.request.params import SamplingParams
 
@@ -113,9 +113,7 @@ def ctx(request: pytest.FixtureRequest) -> Iterator[seqlease.Context]:
 
 def jobs_run(ctx: seqlease.Context) -> int:
     """How much work the backend has done: decode steps, or generations ended."""
-    if ctx.backend.name == "session":
-        return engine(ctx).steps
-    return int(ctx._backend.completed)  # type: ignore[attr-defined]
+    return ctx.probe.steps
 
 
 def valid(text: str, schema: object) -> bool:
@@ -408,7 +406,7 @@ def test_fifty_replies_per_schema_all_validate(ctx: seqlease.Context) -> None:
 def test_eight_schemas_decode_in_the_same_batches() -> None:
     names = [*SCHEMAS, "nested", "arrays", "enums"]
     with seqlease.Context(sequences=8, n_ctx=512, n_threads=1, backend="session") as ctx:
-        eng = engine(ctx)
+        probe = ctx.probe
         barrier = threading.Barrier(8)
 
         def generate(i: int) -> seqlease.Result:
@@ -418,10 +416,10 @@ def test_eight_schemas_decode_in_the_same_batches() -> None:
                     f"Reply with JSON #{i}:", json_schema=SCHEMAS[names[i]], seed=i, max_tokens=128
                 ).result()
 
-        steps = eng.steps
+        steps = probe.steps
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(generate, range(8)))
-        steps = eng.steps - steps
+        steps = probe.steps - steps
     assert all(valid(r.text, SCHEMAS[names[i]]) for i, r in enumerate(results))
     generated = sum(r.n_generated for r in results)
     # One at a time would take a step per token; together, 8 sequences share each step.

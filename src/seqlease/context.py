@@ -14,6 +14,7 @@ from typing_extensions import Self
 
 from seqlease.backends.base import Backend, BackendInfo
 from seqlease.backends.completion import CompletionBackend
+from seqlease.backends.probe import Probe
 from seqlease.backends.session import SessionBackend
 from seqlease.checks import check_int, check_text, check_timeout, describe
 from seqlease.detection import Capabilities, detect
@@ -165,6 +166,8 @@ class Context:
             max_waiting=max_waiting,
             on_idle_after_close=self._backend.close,
         )
+        #: For tests and benchmarks only: what the engine holds, held between steps safely.
+        self.probe: Probe = self._backend.make_probe(self._pool.slots)
         # A Context dropped without close(): free native memory once nothing refers to it
         # (every live lease holds a reference, so no lease can be out by then).
         self._finalizer = weakref.finalize(self, self._backend.close)

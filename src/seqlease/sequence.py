@@ -15,7 +15,7 @@ from seqlease.checks import check_callable, check_timeout, describe
 from seqlease.errors import BackendUnavailableError, SequenceReleasedError, StateError
 from seqlease.native.library import binding_version
 from seqlease.persist.sequence_state import SequenceState
-from seqlease.request.job import Channel, Job
+from seqlease.request.job import Channel, Request
 from seqlease.request.params import SamplingKwargs, SamplingParams, sanitize
 from seqlease.request.prompt import prompt_tokens
 from seqlease.request.stream import AsyncGeneration, Generation
@@ -203,7 +203,7 @@ class Sequence:
         params: SamplingParams,
         abort: threading.Event | None,
         channel: Channel,
-    ) -> Job:
+    ) -> Request:
         self.check()
         return self._backend.generate(self._slot.seq_id, tokens, params, abort, channel)
 

@@ -7,15 +7,15 @@ import threading
 import pytest
 
 from seqlease.errors import ContextClosedError, NativeError, SequenceBusyError
-from seqlease.request.job import Channel, Job, Result
+from seqlease.request.job import Channel, Request, Result
 from seqlease.request.jobs import JobTable
 from seqlease.request.params import sanitize
 
 pytestmark = pytest.mark.timeout(30)
 
 
-def _job(seq_id: int = 0) -> Job:
-    return Job(seq_id, [1, 2, 3], sanitize(), Channel(), None)
+def _job(seq_id: int = 0) -> Request:
+    return Request(seq_id, [1, 2, 3], sanitize(), Channel())
 
 
 def test_one_live_job_per_sequence_but_a_cancelled_one_does_not_block():
@@ -27,7 +27,7 @@ def test_one_live_job_per_sequence_but_a_cancelled_one_does_not_block():
     other = _job(seq_id=1)
     table.submit(other)  # another sequence is independent
     assert table.take(wait=False) == [first, other]
-    first.cancelled.set()  # what a dropped stream does: the flag only
+    first.channel.cancelled.set()  # what a dropped stream does: the flag only
     table.submit(_job())  # accepted at once
 
 
@@ -36,7 +36,7 @@ def test_cancelling_a_queued_job_ends_it_at_once():
     job = _job()
     table.submit(job)
     job.cancel()
-    assert job.done.is_set()
+    assert job.channel.done.is_set()
     end = job.channel.wait_end(0)
     assert isinstance(end, Result) and end.finish_reason == "cancelled"
     assert table.take(wait=False) == []
@@ -50,9 +50,9 @@ def test_cancel_sequence_returns_only_what_the_worker_holds():
     assert table.take(wait=False) == [taken]
     table.submit(queued)
     assert table.cancel_sequence(0) == [taken]
-    assert taken.cancelled.is_set()
+    assert taken.channel.cancelled.is_set()
     assert table.cancel_sequence(1) == []  # queued: ended on the spot
-    assert queued.done.is_set()
+    assert queued.channel.done.is_set()
 
 
 def test_stop_refuses_new_jobs_and_returns_the_queued_ones():
@@ -62,7 +62,7 @@ def test_stop_refuses_new_jobs_and_returns_the_queued_ones():
     table.take(wait=False)
     table.submit(queued)
     assert table.stop() == [queued]
-    assert taken.cancelled.is_set()  # the worker stops it at its next step
+    assert taken.channel.cancelled.is_set()  # the worker stops it at its next step
     assert table.take(wait=True) is None  # never blocks once stopping
     with pytest.raises(ContextClosedError):
         table.submit(_job(seq_id=2))
@@ -81,7 +81,7 @@ def test_die_returns_every_job_and_refuses_more():
 
 def test_a_waiting_worker_wakes_for_a_submission():
     table = JobTable()
-    got: list[list[Job] | None] = []
+    got: list[list[Request] | None] = []
     worker = threading.Thread(target=lambda: got.append(table.take(wait=True)))
     worker.start()
     job = _job()

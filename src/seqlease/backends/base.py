@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from seqlease.backends.probe import Probe
+from seqlease.engine.prefixes import PrefixStats
 from seqlease.model_info import ModelInfo
-from seqlease.request.job import Channel, Job
+from seqlease.pool.slot import Slot
+from seqlease.request.job import AbortFlag, Channel, Request
 from seqlease.request.params import SamplingParams
 
-__all__ = ["Backend", "BackendInfo", "PrefixStats"]
+__all__ = ["Backend", "BackendInfo"]
 
 
 class Backend(Protocol):
@@ -40,9 +42,9 @@ class Backend(Protocol):
         seq_id: int,
         prompt: list[int],
         params: SamplingParams,
-        abort: threading.Event | None,
+        abort: AbortFlag | None,
         channel: Channel,
-    ) -> Job:
+    ) -> Request:
         """Start one generation for ``seq_id``; its text and end go to ``channel``."""
         ...
 
@@ -78,6 +80,10 @@ class Backend(Protocol):
         """Prompt tokens reused across sequences so far."""
         ...
 
+    def make_probe(self, slots: Callable[[], tuple[Slot, ...]]) -> Probe:
+        """The :class:`Probe` tests and benchmarks look inside with (``slots``: its pool's)."""
+        ...
+
     def close(self) -> None:
         """Free everything; idempotent."""
         ...
@@ -89,15 +95,3 @@ class BackendInfo:
 
     #: ``"session"`` (batched, multi-sequence) or ``"completion"`` (``llama_cpp.Llama``).
     name: str
-
-
-@dataclass(frozen=True)
-class PrefixStats:
-    """How often a prompt started from a prefix another sequence (or the cache) held."""
-
-    #: Generations that copied part of their prompt instead of evaluating it.
-    hits: int
-    #: Prompt tokens copied instead of evaluated.
-    tokens_reused: int
-    #: Tokens the prefix cache holds now.
-    cached: int

@@ -21,13 +21,14 @@ import logging
 import os
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from seqlease.backends.base import PrefixStats
+from seqlease.backends.probe import DecodeObserver, Probe
 from seqlease.backends.worker import JobWorker
+from seqlease.engine.prefixes import PrefixStats
 from seqlease.errors import (
     BackendUnavailableError,
     DecodeError,
@@ -42,9 +43,11 @@ from seqlease.native.library import load_library
 from seqlease.native.model import NativeModel
 from seqlease.native.params import check_kv_shape, kv_cache_bytes, llama_kwargs
 from seqlease.options import ContextOptions, ModelOptions, is_quantized
-from seqlease.request.job import FinishReason, Job
+from seqlease.pool.slot import Slot
+from seqlease.request.job import FinishReason, Request
 from seqlease.request.logprobs import token_logprob
 from seqlease.request.params import SamplingParams
+from seqlease.request.reply import ReplyWriter, fail_request
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -144,6 +147,10 @@ class CompletionBackend(JobWorker):
         self._reused = 0
         self._start()
 
+    def make_probe(self, slots: Callable[[], tuple[Slot, ...]]) -> Probe:
+        """The :class:`Probe` of this backend (``slots``: its pool's)."""
+        return _CompletionProbe(self, slots)
+
     # -- caller side ------------------------------------------------------------------------
 
     def clear_sequence(self, seq_id: int) -> None:
@@ -185,6 +192,9 @@ class CompletionBackend(JobWorker):
             hits=self._hits, tokens_reused=self._reused, cached=int(self.llama.n_tokens)
         )
 
+    def _abandon(self) -> None:
+        """Nothing is held across replies: ``_generate`` frees a reply's grammar itself."""
+
     def _free(self) -> None:
         self.model.close()
         self.llama.close()
@@ -197,36 +207,40 @@ class CompletionBackend(JobWorker):
                 self._run(job)
                 self.completed += 1
 
-    def _run(self, job: Job) -> None:
-        """Run one job to its end; never raises, always ends the job."""
+    def _run(self, request: Request) -> None:
+        """Run one request to its end; never raises, always ends it."""
         reason: FinishReason = "cancelled"
+        reply = ReplyWriter(request)
         try:
-            if not job.should_stop():
+            if not request.should_stop():
                 with self._guard:
-                    reason = self._generate(job)
-        except Exception as exc:  # a native failure or a bug: fail this job, keep serving
-            logger.warning("completion for sequence %d failed: %r", job.seq_id, exc)
+                    reason = self._generate(request, reply)
+        except Exception as exc:  # a native failure or a bug: fail this reply, keep serving
+            logger.warning("completion for sequence %d failed: %r", request.seq_id, exc)
             with self._guard, contextlib.suppress(Exception):
                 # The prefix bookkeeping may not match the KV cache after a failed decode:
                 # the next generation evaluates its whole prompt.
                 llama: Any = self.llama  # reset() is unannotated in llama-cpp-python
                 llama.reset()
-            self._fail(job, _map_error(exc, job.seq_id), "generating")
+            self._jobs.forget(request)
+            fail_request(request, _map_error(exc, request.seq_id))
             return
-        self._finish(job, reason)
+        # The sequence is free for its next request before the caller hears of the end.
+        self._jobs.forget(request)
+        reply.finish(reason)
 
-    def _generate(self, job: Job) -> FinishReason:
-        """Under the guard: stream one reply into ``job`` and return why it ended."""
-        llama, p = self.llama, job.params
-        prompt = job.prompt
+    def _generate(self, request: Request, reply: ReplyWriter) -> FinishReason:
+        """Under the guard: stream one reply into ``reply`` and return why it ended."""
+        llama, p = self.llama, request.params
+        prompt = request.prompt
         # Prompt plus reply within n_ctx, as on the session backend (max_tokens is the job's
         # own check). Llama's own check would allow more: llama.cpp rounds the context up
         # (128 -> 256), while Llama.input_ids holds only the n_ctx it was given.
         room = self.n_ctx - len(prompt)
-        job.n_evaluated = self._to_evaluate(prompt)
-        if job.n_evaluated < len(prompt):
+        reply.n_evaluated = self._to_evaluate(prompt)
+        if reply.n_evaluated < len(prompt):
             self._hits += 1
-            self._reused += len(prompt) - job.n_evaluated
+            self._reused += len(prompt) - reply.n_evaluated
         seed = random.getrandbits(32) if p.seed is None else p.seed & 0xFFFFFFFF
         # What create_completion does before it calls generate(): the sampler chain that
         # generate() builds reads both.
@@ -248,7 +262,7 @@ class CompletionBackend(JobWorker):
                 logits_processor=_processors(p, raw, grammar),
             )
             try:
-                return self._follow(job, tokens, room, raw, grammar)
+                return self._follow(request, reply, tokens, room, raw, grammar)
             finally:
                 # Stops Llama between tokens; its next call reuses whatever prefix matches.
                 tokens.close()
@@ -258,24 +272,25 @@ class CompletionBackend(JobWorker):
 
     def _follow(
         self,
-        job: Job,
+        request: Request,
+        reply: ReplyWriter,
         tokens: Iterator[int],
         room: int,
         raw: _RawLogits,
         grammar: Grammar | None,
     ) -> FinishReason:
-        """Take ``Llama``'s tokens into ``job`` until one ends the reply; why it ended."""
-        model, p = self.model, job.params
+        """Take ``Llama``'s tokens into ``reply`` until one ends it; why it ended."""
+        model, p = self.model, request.params
         for token in tokens:
             if grammar is not None:
                 grammar.accept(token)
             logprob = None
             if p.logprobs and raw.last is not None:
                 logprob = token_logprob(raw.last, token, p.top_logprobs, model)
-            reason = job.add_token(token, model, logprob)
-            if reason is None and job.n_generated >= room:
+            reason = reply.add_token(token, model, logprob)
+            if reason is None and reply.n_generated >= room:
                 reason = "length"
-            if reason is None and job.should_stop():
+            if reason is None and request.should_stop():
                 reason = "cancelled"
             if reason is not None:
                 return reason
@@ -354,3 +369,50 @@ def _map_error(exc: BaseException, seq_id: int) -> SeqleaseError:
         error = NativeError(f"sequence {seq_id}: the completion backend failed: {exc!r}")
     error.__cause__ = exc
     return error
+
+
+class _CompletionProbe(Probe):
+    """What tests and benchmarks may see of the completion backend: no sequence holds tokens."""
+
+    def __init__(self, backend: CompletionBackend, slots: Callable[[], tuple[Slot, ...]]) -> None:
+        super().__init__(backend._guard, slots)  # the probe is part of the backend
+        self._backend = backend
+
+    @property
+    def steps(self) -> int:
+        return self._backend.completed
+
+    @property
+    def evaluated(self) -> int:
+        return 0
+
+    @property
+    def completed(self) -> int:
+        return self._backend.completed
+
+    @property
+    def kv_unified(self) -> bool:
+        return True  # one sequence: nothing to split
+
+    @property
+    def freed(self) -> bool:
+        return self._backend.freed
+
+    @property
+    def sequence_ids(self) -> range:
+        return range(len(self._slots()))
+
+    def held(self, seq_id: int) -> tuple[int, ...]:
+        return ()
+
+    def native_pos_max(self, seq_id: int) -> int:
+        return -1
+
+    def context_ptr(self) -> Any:
+        return self._backend.llama.ctx
+
+    def append(self, seq_id: int, tokens: Sequence[int]) -> None:
+        raise BackendUnavailableError("the completion backend keeps no tokens per sequence")
+
+    def observe_decodes(self, observer: DecodeObserver | None) -> None:
+        raise BackendUnavailableError("the completion backend decodes inside llama_cpp.Llama")

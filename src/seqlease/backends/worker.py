@@ -8,11 +8,12 @@ import threading
 
 from seqlease.backends.guard import Guard
 from seqlease.backends.lifetime import NativeLifetime
-from seqlease.errors import InvalidSequenceError, NativeError, SeqleaseError
-from seqlease.request.job import Channel, FinishReason, Job
+from seqlease.errors import InvalidSequenceError, NativeError
+from seqlease.request.job import AbortFlag, Channel, Request
 from seqlease.request.jobs import JobTable
 from seqlease.request.params import SamplingParams
 from seqlease.request.prompt import check_prompt
+from seqlease.request.reply import cancel_request, fail_request
 
 __all__ = ["JobWorker"]
 
@@ -48,9 +49,9 @@ class JobWorker(abc.ABC):
         seq_id: int,
         prompt: list[int],
         params: SamplingParams,
-        abort: threading.Event | None,
+        abort: AbortFlag | None,
         channel: Channel,
-    ) -> Job:
+    ) -> Request:
         """Queue one generation for ``seq_id``; its text and end go to ``channel``.
 
         Raises at once, before anything runs: :class:`InvalidSequenceError` for an id outside
@@ -64,15 +65,15 @@ class JobWorker(abc.ABC):
                 "from the context instead of making up an id"
             )
         check_prompt(prompt, self.n_ctx)
-        job = Job(seq_id, prompt, params, channel, abort)
-        self._jobs.submit(job)
-        return job
+        request = Request(seq_id, prompt, params, channel, abort)
+        self._jobs.submit(request)
+        return request
 
     def stop_sequence(self, seq_id: int) -> None:
         """Cancel the sequence's jobs and wait until the worker has let go of them."""
-        for job in self._jobs.cancel_sequence(seq_id):
+        for request in self._jobs.cancel_sequence(seq_id):
             if threading.current_thread() is not self._thread:
-                job.done.wait()
+                request.channel.done.wait()
 
     @property
     def freed(self) -> bool:
@@ -85,8 +86,8 @@ class JobWorker(abc.ABC):
         On the worker thread itself (a finalizer during garbage collection) the memory is
         freed as the thread exits instead.
         """
-        for job in self._jobs.stop():
-            job.finish("cancelled")
+        for request in self._jobs.stop():
+            cancel_request(request)
         self._lifetime.free_after(self._thread)
 
     # -- worker thread ----------------------------------------------------------------------
@@ -100,8 +101,13 @@ class JobWorker(abc.ABC):
                 f"the engine stopped after an error ({exc!r}): close this Context and create "
                 "a new one"
             )
-            for job in self._jobs.die(exc):
-                job.fail(error)
+            victims = self._jobs.die(exc)
+            try:
+                with self._guard:
+                    self._abandon()
+            finally:
+                for request in victims:
+                    fail_request(request, error)
         finally:
             self._lifetime.thread_exited()
 
@@ -113,18 +119,6 @@ class JobWorker(abc.ABC):
     def _free(self) -> None:
         """Free the native memory (under the guard, after the thread stopped)."""
 
-    def _finish(self, job: Job, reason: FinishReason) -> None:
-        """End ``job``; its sequence is free for the next job before its caller hears."""
-        self._jobs.forget(job)
-        job.finish(reason)
-
-    def _fail(self, job: Job, exc: BaseException, stage: str) -> None:
-        """Fail ``job`` alone with a seqlease error for ``exc``."""
-        if isinstance(exc, SeqleaseError):
-            error: BaseException = exc
-        else:
-            logger.error("sequence %d failed while %s", job.seq_id, stage, exc_info=exc)
-            error = NativeError(f"sequence {job.seq_id}: the reply failed while {stage}: {exc!r}")
-            error.__cause__ = exc
-        self._jobs.forget(job)
-        job.fail(error)
+    @abc.abstractmethod
+    def _abandon(self) -> None:
+        """The thread died: free what it held per reply (under the guard; the table fails them)."""

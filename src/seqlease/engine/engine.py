@@ -1,41 +1,41 @@
-"""The engine thread: owns one llama.cpp context and decodes all active sequences together.
+"""The engine: every active sequence of one llama.cpp context decoded together, step by step.
 
-llama.cpp allows one thread per context at a time. Here one thread takes new jobs, builds each
-batch, decodes it and samples, holding the guard for the iteration; a release clearing a
-sequence takes the guard between iterations. Callers only submit jobs and read channels.
+Policy and state only, no thread: the session backend's worker calls :meth:`Engine.advance`
+under its guard, with the requests it took from its queue. One step reads as
 
-A new job first looks for its prompt's prefix in the other sequences and the prefix cache
-(:mod:`seqlease.engine.prefixes`) and copies what it finds. If another job is still evaluating
-a longer common prefix, the new job waits for it instead of evaluating the same tokens too: 8
-requests that arrive together with one new system prompt evaluate it once.
+* **admit**: drop what the callers gave up on, set up new replies (a sampler each), and place
+  each on the longest prompt prefix held anywhere (or let it wait for a reader of one);
+* **plan**: how many tokens each reply gets (:func:`~seqlease.engine.schedule.plan_batch`,
+  pure), cut into ``llama_decode`` calls (:func:`~seqlease.engine.schedule.decode_calls`);
+* per call, **execute** (check, decode, sample: native work returning plain data), **commit**
+  (the ledger and each reply's position), **deliver** (text to the reply writers, and ends).
 
-Per-job work (activation, sampler set-up, sampling, detokenizing, delivering text) runs under
-:meth:`Engine._isolated`: an exception there fails that job alone, at once, and the engine
-serves on. The decode itself is shared: a failed decode fails the jobs in that batch, and only
-a fatal code (the context is unusable) stops the engine, failing every job it knows.
+A new request first looks for its prompt's prefix in the other sequences and the prefix cache
+(:mod:`seqlease.engine.prefixes`) and copies what it finds. If another reply is still
+evaluating a longer common prefix, the new one waits for it instead of evaluating the same
+tokens too: 8 requests that arrive together with one new system prompt evaluate it once.
+
+Per-reply work (setting up, placing, checking its batch entries, sampling, writing text) is
+isolated: an exception there fails that reply alone, at once, and the engine serves on. The
+decode itself is shared: a failed decode fails the replies of that call, and only a fatal code
+(the context is unusable) raises out of :meth:`Engine.advance`, for the worker to fail all.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from types import ModuleType
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
-from seqlease.backends.base import PrefixStats
-from seqlease.backends.worker import JobWorker
 from seqlease.engine.layout import KvLayout
 from seqlease.engine.ledger import KvLedger
-from seqlease.engine.prefixes import Prefixes
-from seqlease.engine.sampling import build_sampler
+from seqlease.engine.prefixes import Prefixes, PrefixStats
 from seqlease.engine.schedule import decode_calls, plan_batch
-from seqlease.errors import ContextClosedError, DecodeError, SequenceBusyError
-from seqlease.native.context import BatchEntry, NativeContext
-from seqlease.native.sampler import SamplerChain
-from seqlease.request.job import FinishReason, Job
-from seqlease.request.logprobs import token_logprob
+from seqlease.engine.seam import BatchEntry, Sampler, Samplers, Seam
+from seqlease.errors import DecodeError
+from seqlease.request.job import FinishReason, Request
+from seqlease.request.logprobs import TokenLogprob, token_logprob
+from seqlease.request.reply import ReplyWriter
 
 __all__ = ["Engine"]
 
@@ -44,276 +44,326 @@ logger = logging.getLogger("seqlease.engine")
 _NO_KV_SLOT = 1
 
 
-class Engine(JobWorker):
-    """A thread that serves generation jobs of every sequence of one context in shared batches.
+@dataclass(eq=False)
+class _Running:
+    """What the engine keeps of one reply while it runs; only the engine changes it."""
 
-    It owns the context (and its model) from here on: the tokens each sequence holds, the
-    guard, and freeing the memory once the thread has stopped.
+    request: Request
+    reply: ReplyWriter
+    sampler: Sampler
+    #: Prompt tokens still to evaluate.
+    pending: list[int] = field(default_factory=list)
+    #: Tokens the sequence holds.
+    n_past: int = 0
+    #: Sampled, to be decoded next step.
+    next_token: int | None = None
+
+    @property
+    def seq_id(self) -> int:
+        return self.request.seq_id
+
+    @property
+    def decoding(self) -> bool:
+        """Whether the prompt is done and the reply feeds back its own tokens."""
+        return self.next_token is not None
+
+
+@dataclass(frozen=True)
+class _Executed:
+    """What one ``llama_decode`` call did: plain data, before anything is committed."""
+
+    #: Each reply in the call, and the tokens it evaluated.
+    pieces: tuple[tuple[_Running, int], ...]
+    #: Replies that sampled their next token (with its log-probability when asked).
+    sampled: tuple[tuple[_Running, int, TokenLogprob | None], ...]
+    #: Replies that failed on their own, and at which stage.
+    faults: tuple[tuple[_Running, Exception, str], ...]
+
+
+class Engine:
+    """Decodes the replies of every sequence of one context in shared batches.
+
+    Not thread-safe: one thread at a time (the worker, under its guard) calls every method.
+    ``release(request)`` is called when a reply ends, before its caller hears, so the sequence
+    accepts its next request at once.
     """
 
     def __init__(
         self,
-        lib: ModuleType,
-        native: NativeContext,
+        native: Seam,
+        samplers: Samplers,
         layout: KvLayout,
         *,
+        release: Callable[[Request], None],
         share_prefixes: bool = True,
         prefill_chunk: int = 128,
     ) -> None:
-        """Start the engine thread on ``native``, whose sequences are laid out as ``layout``."""
-        super().__init__("seqlease-engine", sequences=layout.sequences, n_ctx=layout.n_ctx_seq)
-        self._lib = lib
+        """Serve ``native``'s sequences, laid out as ``layout``; their memory must be empty."""
         self._native = native
-        self._model = native.model
+        self._samplers = samplers
+        self._vocab = native.model
+        self._release = release
         self._prefill_chunk = prefill_chunk
         # A call of at most n_ubatch tokens is not cut by llama.cpp beyond its own split.
         self._budget = min(native.n_batch, native.n_ubatch)
         self._cap = self._budget  # shrinks after "no KV slot", grows back after success
-        self._ledger = KvLedger(native)
-        self._prefixes = Prefixes(self._ledger, layout, enabled=share_prefixes)
-        self._active: list[Job] = []  # engine thread only
-        self._waiting: list[Job] = []  # engine thread only: waiting for another's prefix
-        self._samplers: dict[Job, SamplerChain] = {}  # engine thread only
-        #: Decode steps so far and tokens they evaluated, for tests and benchmarks.
+        self._streams = not native.kv_unified
+        #: What each sequence holds: the one door to KV memory.
+        self.ledger = KvLedger(native)
+        self._prefixes = Prefixes(self.ledger, layout, enabled=share_prefixes)
+        self._active: list[_Running] = []
+        self._waiting: list[_Running] = []  # for another reply's prefix
+        #: Decode steps so far, tokens they evaluated, and replies ended, for tests and
+        #: benchmarks.
         self.steps = 0
         self.evaluated = 0
-        self._start()
+        self.completed = 0
 
-    # -- caller side ------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        """Whether a reply is running or waiting to be placed."""
+        return bool(self._active or self._waiting)
 
-    def clear_sequence(self, seq_id: int) -> None:
-        """Stop the sequence's generation, then remove every token from its memory."""
-        self.stop_sequence(seq_id)
-        with self._guard:
-            if self._lifetime.freed:
-                return
-            try:
-                self._prefixes.keep(seq_id)
-            except Exception:  # the cache is an optimisation: clearing must happen regardless
-                logger.exception("caching the prefix of sequence %d failed", seq_id)
-            self._ledger.clear(seq_id)
-
-    def fork_sequence(self, src: int, dst: int) -> None:
-        """Make the idle, empty ``dst`` hold a copy of everything ``src`` holds now."""
-        with self._guard:
-            self._ledger.copy(src, dst, self._ledger.n_tokens(src))
-
-    def cut_sequence(self, seq_id: int, prefix: Sequence[int], start: int) -> bool:
-        """If the idle ``seq_id`` starts with ``prefix``, drop ``prefix[start:]`` from it.
-
-        The tokens after the prefix move down. Returns ``False``, with nothing changed, where
-        the sequence holds something else or its memory cannot move positions.
-        """
-        with self._idle(seq_id):
-            if self._ledger.common(seq_id, prefix) < len(prefix):
-                return False
-            return self._ledger.cut(seq_id, start, len(prefix))
-
-    def save_sequence(self, seq_id: int) -> tuple[tuple[int, ...], bytes]:
-        """The idle ``seq_id``'s tokens and its memory as llama.cpp writes it."""
-        with self._idle(seq_id):
-            return self._ledger.save(seq_id)
-
-    def load_sequence(self, seq_id: int, tokens: Sequence[int], data: bytes) -> bool:
-        """Replace the idle ``seq_id``'s memory by ``data`` (checked by the caller).
-
-        Returns ``False``, with the sequence empty, when llama.cpp refuses it.
-        """
-        with self._idle(seq_id):
-            return self._ledger.load(seq_id, tokens, data)
-
-    @contextlib.contextmanager
-    def _idle(self, seq_id: int) -> Iterator[None]:
-        """Hold the guard while ``seq_id`` runs no generation: its memory is ours to change."""
-        jobs = self._jobs.jobs_of(seq_id)
-        if any(not job.cancelled.is_set() for job in jobs):
-            raise _busy(seq_id)
-        if threading.current_thread() is not self._thread:
-            for job in jobs:  # cancelled, and ending at the engine's next step
-                job.done.wait()
-        with self._guard:
-            if self._lifetime.freed:
-                raise ContextClosedError("the context is closed: create a new Context")
-            if self._jobs.jobs_of(seq_id):
-                raise _busy(seq_id)
-            yield
+    def running(self, seq_id: int) -> bool:
+        """Whether the engine holds a reply of ``seq_id``."""
+        return any(r.seq_id == seq_id for r in (*self._active, *self._waiting))
 
     def prefix_stats(self) -> PrefixStats:
-        """Prompt tokens reused across sequences so far (read without waiting for a step)."""
+        """Prompt tokens reused across sequences so far (plain ints: readable from any thread)."""
         return self._prefixes.stats()
 
-    def n_tokens(self, seq_id: int) -> int:
-        """Tokens a sequence holds, as llama.cpp reports it (highest position + 1)."""
-        with self._guard:
-            return self._native.seq_pos_max(seq_id) + 1
+    # -- one step ---------------------------------------------------------------------------
 
-    def _free(self) -> None:
-        self._native.close()
-        self._model.close()
-
-    # -- engine thread ----------------------------------------------------------------------
-
-    def _serve(self) -> None:
-        while (incoming := self._jobs.take(wait=not (self._active or self._waiting))) is not None:
-            with self._guard:
-                for job in [j for j in (*self._active, *self._waiting) if j.should_stop()]:
-                    self._end(job, "cancelled")
-                for job in incoming:
-                    self._isolated(job, "starting", self._activate)
-                for job in list(self._waiting):
-                    self._isolated(job, "starting", self._place)
-                if self._active:
-                    self._step()
-        with self._guard:
-            for job in (*self._active, *self._waiting):
-                self._end(job, "cancelled")
-
-    def _isolated(self, job: Job, stage: str, work: Callable[[Job], None]) -> None:
-        """Run one job's own work; if it raises, that job alone fails."""
-        try:
-            work(job)
-        except Exception as exc:
-            self._drop(job)
-            self._fail(job, exc, stage)
-
-    def _activate(self, job: Job) -> None:
-        """Set up sampling; the job then waits to be placed."""
-        if job.should_stop():
-            self._finish(job, "cancelled")
+    def advance(self, incoming: Iterable[Request] = ()) -> None:
+        """Admit ``incoming``, then run one step of every reply."""
+        for running in [r for r in (*self._active, *self._waiting) if r.request.should_stop()]:
+            self._end(running, "cancelled")
+        for request in incoming:
+            self._start(request)
+        for running in list(self._waiting):
+            self._isolated(running, "starting", self._place)
+        if not self._active:
             return
-        sampler = build_sampler(self._lib, job.params, self._model)
-        self._samplers[job] = sampler
-        self._waiting.append(job)
-        if job.params.repeat_penalty != 1.0:
-            for token in job.prompt:
-                sampler.accept(token)
-
-    def _place(self, job: Job) -> None:
-        """Start the job from the longest prefix held anywhere, or let it wait for a reader.
-
-        The last two prompt tokens are always evaluated: the last one's logits start the
-        reply, and a batch of one token would round differently from the evaluation without
-        a copied prefix (see :func:`seqlease.engine.schedule.plan_batch`).
-        """
-        prompt = job.prompt
-        limit = max(0, len(prompt) - 2)
-        own = min(self._ledger.common(job.seq_id, prompt), limit)
-        # Only a reader evaluating from a shareable start will hold a prefix to copy.
-        reading = (
-            r.prompt
-            for r in self._active
-            if r.pending and self._ledger.shareable(r.seq_id) == self._ledger.n_tokens(r.seq_id)
-        )
-        choice = self._prefixes.choose(prompt, job.seq_id, own=own, limit=limit, reading=reading)
-        if choice is None:
-            return
-        source, n = choice
-        if source < 0:
-            keep = self._ledger.reuse(job.seq_id, n)
-        else:
-            keep = self._prefixes.copy(source, job.seq_id, n, own=own)
-        job.n_past = keep
-        job.pending = prompt[keep:]
-        job.n_evaluated = len(job.pending)
-        self._waiting.remove(job)
-        self._active.append(job)
-
-    def _step(self) -> None:
         plan = plan_batch(self._active, self._cap, self._prefill_chunk)
         evaluated = self.evaluated
-        for call in decode_calls(plan, streams=not self._native.kv_unified):
-            if not self._decode(call):
-                break
+        for call in decode_calls(plan, streams=self._streams):
+            executed = self._execute(call)
+            if executed is None:
+                break  # no KV slot: the rest of the step waits for a smaller batch
+            self._commit(executed)
+            self._deliver(executed)
         if self.evaluated > evaluated:
             self.steps += 1
         # Round-robin: who goes first (and so gets the batch when it is short) changes per step.
         if len(self._active) > 1:
             self._active.append(self._active.pop(0))
 
-    def _decode(self, call: list[tuple[Job, int]]) -> bool:
-        """Evaluate one call's tokens, then sample where a reply has its next logits.
-
-        Returns ``False`` where the rest of the step must wait (llama.cpp found no KV slot).
-        """
-        entries: list[BatchEntry] = []
-        rows: list[tuple[Job, int]] = []  # jobs that sample after this call, and their row
-        for job, n in call:
-            if job.next_token is not None:
-                entries.append((job.next_token, job.n_past, job.seq_id, True))
-                rows.append((job, len(entries) - 1))
-                continue
-            finishing = n == len(job.pending)
-            for i, token in enumerate(job.pending[:n]):
-                entries.append((token, job.n_past + i, job.seq_id, finishing and i == n - 1))
-            if finishing:
-                rows.append((job, len(entries) - 1))
+    def clear(self, seq_id: int) -> None:
+        """Keep what the idle ``seq_id`` holds in the prefix cache, then empty it."""
         try:
-            self._native.decode(entries)
-        except DecodeError as exc:
-            return self._decode_failed(call, exc)
-        self.evaluated += len(entries)
-        self._cap = min(self._budget, self._cap * 2)
-        for job, n in call:
-            if job.next_token is not None:
-                self._ledger.appended(job.seq_id, (job.next_token,))
-                job.next_token = None
-            else:
-                self._ledger.appended(job.seq_id, job.pending[:n])
-                del job.pending[:n]
-            job.n_past += n
-        for job, row in rows:
-            self._isolated(job, "sampling", functools.partial(self._sample, row=row))
-        return True
+            self._prefixes.keep(seq_id)
+        except Exception:  # the cache is an optimisation: clearing must happen regardless
+            logger.exception("caching the prefix of sequence %d failed", seq_id)
+        self.ledger.clear(seq_id)
 
-    def _sample(self, job: Job, *, row: int) -> None:
-        token = self._samplers[job].sample(self._native, row)
-        logprob = None
-        if job.params.logprobs:
-            logits = self._native.logit_row(row)
-            logprob = token_logprob(logits, token, job.params.top_logprobs, self._model)
-        reason = job.add_token(token, self._model, logprob)
-        # The sequence holds n_past tokens and this one would be next: prompt plus reply stay
-        # within n_ctx, as on the completion backend.
-        if reason is None and job.n_past + 1 >= self._native.n_ctx_seq:
-            reason = "length"
-        if reason is None:
-            job.next_token = token
+    def cancel_all(self) -> None:
+        """End every reply as cancelled (the worker is stopping)."""
+        for running in (*self._active, *self._waiting):
+            self._end(running, "cancelled")
+
+    def abandon(self) -> None:
+        """Forget every reply and free its sampler (the worker died; the table fails them)."""
+        for running in (*self._active, *self._waiting):
+            self._drop(running)
+
+    # -- admit --------------------------------------------------------------------------------
+
+    def _start(self, request: Request) -> None:
+        """Set up the reply's sampler; it then waits to be placed."""
+        reply = ReplyWriter(request)
+        if request.should_stop():
+            self._release(request)
+            reply.finish("cancelled")
+            return
+        try:
+            sampler = self._samplers(request.params)
+        except Exception as exc:
+            self._release(request)
+            reply.fail(exc, "starting")
+            return
+        running = _Running(request, reply, sampler)
+        self._waiting.append(running)
+        if request.params.repeat_penalty != 1.0:
+            self._isolated(running, "starting", self._accept_prompt)
+
+    def _accept_prompt(self, running: _Running) -> None:
+        for token in running.request.prompt:
+            running.sampler.accept(token)
+
+    def _place(self, running: _Running) -> None:
+        """Start the reply from the longest prefix held anywhere, or let it wait for a reader.
+
+        The last two prompt tokens are always evaluated: the last one's logits start the
+        reply, and a batch of one token would round differently from the evaluation without
+        a copied prefix (see :func:`seqlease.engine.schedule.plan_batch`).
+        """
+        prompt, seq_id, ledger = running.request.prompt, running.seq_id, self.ledger
+        limit = max(0, len(prompt) - 2)
+        own = min(ledger.common(seq_id, prompt), limit)
+        # Only a reader evaluating from a shareable start will hold a prefix to copy.
+        reading = (
+            r.request.prompt
+            for r in self._active
+            if r.pending and ledger.shareable(r.seq_id) == ledger.n_tokens(r.seq_id)
+        )
+        choice = self._prefixes.choose(prompt, seq_id, own=own, limit=limit, reading=reading)
+        if choice is None:
+            return
+        source, n = choice
+        if source < 0:
+            keep = ledger.reuse(seq_id, n)
         else:
-            self._end(job, reason)
+            keep = self._prefixes.copy(source, seq_id, n, own=own)
+        running.n_past = keep
+        running.pending = prompt[keep:]
+        running.reply.n_evaluated = len(running.pending)
+        self._waiting.remove(running)
+        self._active.append(running)
 
-    def _decode_failed(self, call: list[tuple[Job, int]], exc: DecodeError) -> bool:
-        """No KV slot: retry smaller. Fatal: stop. Else: fail the jobs of the call."""
-        n_tokens = sum(n for _, n in call)
-        if exc.code == _NO_KV_SLOT and n_tokens > 1:
-            self._cap = max(1, n_tokens // 2)
-            logger.warning("no KV slot for %d tokens: retrying with %d", n_tokens, self._cap)
-            return False
-        if exc.code is not None and exc.code < -1:
-            raise exc  # llama.cpp's context is unusable after a fatal decode error
-        for job, _ in call:
-            # Whatever the failed batch wrote for this sequence is undone; the rest stays.
-            self._ledger.truncate(job.seq_id, job.n_past)
-            self._drop(job)
-            self._fail(job, DecodeError(f"sequence {job.seq_id}: {exc}", exc.code), "decoding")
-        return True
+    # -- execute, commit, deliver -------------------------------------------------------------
 
-    def _end(self, job: Job, reason: FinishReason) -> None:
-        self._drop(job)
-        self._finish(job, reason)
+    def _execute(self, call: Sequence[tuple[_Running, int]]) -> _Executed | None:
+        """Check, decode and sample one call; ``None`` where llama.cpp found no KV slot."""
+        faults: list[tuple[_Running, Exception, str]] = []
+        entries: list[BatchEntry] = []
+        pieces: list[tuple[_Running, int]] = []
+        rows: list[tuple[_Running, int]] = []  # replies that sample after this call, and their row
+        for running, n in call:
+            own = _entries(running, n)
+            try:
+                self._native.check_batch(own)
+            except Exception as exc:  # this reply's tokens are bad, not the others'
+                faults.append((running, exc, "checking its batch"))
+                continue
+            entries.extend(own)
+            pieces.append((running, n))
+            if own[-1][3]:
+                rows.append((running, len(entries) - 1))
+        if entries:
+            try:
+                self._native.decode(entries)
+            except DecodeError as exc:
+                if exc.code == _NO_KV_SLOT and len(entries) > 1:
+                    self._cap = max(1, len(entries) // 2)
+                    logger.warning(
+                        "no KV slot for %d tokens: retrying with %d", len(entries), self._cap
+                    )
+                    return None
+                if exc.code is not None and exc.code < -1:
+                    raise  # llama.cpp's context is unusable after a fatal decode error
+                return self._call_failed(pieces, faults, exc)
+            except Exception as exc:  # nothing was evaluated: the call's replies fail
+                return self._call_failed(pieces, faults, exc)
+            self.evaluated += len(entries)
+            self._cap = min(self._budget, self._cap * 2)
+        sampled: list[tuple[_Running, int, TokenLogprob | None]] = []
+        for running, row in rows:
+            try:
+                sampled.append((running, *self._sample(running, row)))
+            except Exception as exc:
+                faults.append((running, exc, "sampling"))
+        return _Executed(tuple(pieces), tuple(sampled), tuple(faults))
 
-    def _drop(self, job: Job) -> None:
-        """Forget the job's engine-side state: active slot and sampler."""
-        if job in self._active:
-            self._active.remove(job)
-        if job in self._waiting:
-            self._waiting.remove(job)
-        sampler = self._samplers.pop(job, None)
-        if sampler is not None:
-            sampler.close()
+    def _sample(self, running: _Running, row: int) -> tuple[int, TokenLogprob | None]:
+        token = running.sampler.sample(row)
+        params = running.request.params
+        if not params.logprobs:
+            return token, None
+        logits = self._native.logit_row(row)
+        return token, token_logprob(logits, token, params.top_logprobs, self._vocab)
+
+    def _call_failed(
+        self,
+        pieces: list[tuple[_Running, int]],
+        faults: list[tuple[_Running, Exception, str]],
+        exc: Exception,
+    ) -> _Executed:
+        """The decode failed: whatever it wrote is undone, and its replies fail."""
+        for running, _ in pieces:
+            self.ledger.truncate(running.seq_id, running.n_past)
+            error = exc
+            if isinstance(exc, DecodeError):
+                error = DecodeError(f"sequence {running.seq_id}: {exc}", exc.code)
+            faults.append((running, error, "decoding"))
+        return _Executed((), (), tuple(faults))
+
+    def _commit(self, executed: _Executed) -> None:
+        """Record what the call evaluated: the ledger, each reply's position and pending."""
+        for running, n in executed.pieces:
+            if running.next_token is not None:
+                self.ledger.appended(running.seq_id, (running.next_token,))
+                running.next_token = None
+            else:
+                self.ledger.appended(running.seq_id, running.pending[:n])
+                del running.pending[:n]
+            running.n_past += n
+
+    def _deliver(self, executed: _Executed) -> None:
+        """Each sampled token to its reply writer; replies that end, or failed, end."""
+        for running, exc, stage in executed.faults:
+            self._fail(running, exc, stage)
+        for running, token, logprob in executed.sampled:
+            try:
+                reason = running.reply.add_token(token, self._vocab, logprob)
+            except Exception as exc:
+                self._fail(running, exc, "writing the reply")
+                continue
+            # The sequence holds n_past tokens and this one would be next: prompt plus reply
+            # stay within n_ctx, as on the completion backend.
+            if reason is None and running.n_past + 1 >= self._native.n_ctx_seq:
+                reason = "length"
+            if reason is None:
+                running.next_token = token
+            else:
+                self._end(running, reason)
+
+    # -- ends ---------------------------------------------------------------------------------
+
+    def _isolated(self, running: _Running, stage: str, work: Callable[[_Running], None]) -> None:
+        """Run one reply's own work; if it raises, that reply alone fails."""
+        try:
+            work(running)
+        except Exception as exc:
+            self._fail(running, exc, stage)
+
+    def _end(self, running: _Running, reason: FinishReason) -> None:
+        self.completed += 1
+        self._drop(running)
+        self._release(running.request)
+        running.reply.finish(reason)
+
+    def _fail(self, running: _Running, exc: Exception, stage: str) -> None:
+        self.completed += 1
+        self._drop(running)
+        self._release(running.request)
+        running.reply.fail(exc, stage)
+
+    def _drop(self, running: _Running) -> None:
+        """Forget the reply's engine-side state and free its sampler."""
+        if running in self._active:
+            self._active.remove(running)
+        if running in self._waiting:
+            self._waiting.remove(running)
+        running.sampler.close()
 
 
-def _busy(seq_id: int) -> SequenceBusyError:
-    return SequenceBusyError(
-        f"sequence {seq_id} is generating: read that reply to its end or close() it before "
-        "saving, loading or cutting the sequence's memory"
-    )
+def _entries(running: _Running, n: int) -> list[BatchEntry]:
+    """The batch entries of ``n`` tokens of ``running``; logits where it samples next."""
+    seq_id, at = running.seq_id, running.n_past
+    if running.next_token is not None:
+        return [(running.next_token, at, seq_id, True)]
+    finishing = n == len(running.pending)
+    return [
+        (token, at + i, seq_id, finishing and i == n - 1)
+        for i, token in enumerate(running.pending[:n])
+    ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from seqlease.native.params import KvCells
+
 __all__ = ["MAX_CACHE_ENTRIES", "KvLayout", "plan_layout"]
 
 #: Most prefixes the cache keeps at once (each in a sequence id of its own).
@@ -42,6 +44,11 @@ class KvLayout:
         if self.unified:
             return self.sequences * self.n_ctx_seq + self.cache_tokens
         return self.n_seq_max * self.n_ctx_seq
+
+    @property
+    def cells(self) -> KvCells:
+        """What llama.cpp is told: every sequence id and cell of this layout."""
+        return KvCells(self.n_seq_max, self.n_ctx_total, self.n_ctx_seq, self.unified)
 
     @property
     def cache_ids(self) -> range:

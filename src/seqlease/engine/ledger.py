@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from seqlease.native.context import NativeContext
+from seqlease.engine.seam import Seam
 from seqlease.request.prompt import common_prefix
 
 __all__ = ["KvLedger"]
@@ -22,7 +22,7 @@ class KvLedger:
     caller's word; neither is ever given to a different lease.
     """
 
-    def __init__(self, native: NativeContext) -> None:
+    def __init__(self, native: Seam) -> None:
         """An empty record for each of ``native``'s sequences (their memory must be empty)."""
         self._native = native
         self._held: list[list[int]] = [[] for _ in range(native.n_seq_max)]

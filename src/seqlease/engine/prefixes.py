@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
-from seqlease.backends.base import PrefixStats
 from seqlease.engine.layout import KvLayout
 from seqlease.engine.ledger import KvLedger
 from seqlease.request.prompt import common_prefix
 
-__all__ = ["MIN_SHARED", "Prefixes"]
+__all__ = ["MIN_SHARED", "PrefixStats", "Prefixes"]
 
 #: Shorter common prefixes are evaluated, not copied (nor waited for): with one KV stream per
 #: sequence a copy moves the whole stream (3 ms for 2,048 cells of SmolLM2-135M here, more
@@ -27,6 +27,18 @@ __all__ = ["MIN_SHARED", "Prefixes"]
 #: token costs about 4 ms on one CPU thread here, so copying pays from a dozen tokens: a chat
 #: template's default system prompt (30 tokens for SmolLM2) is shared.
 MIN_SHARED = 16
+
+
+@dataclass(frozen=True)
+class PrefixStats:
+    """How often a prompt started from a prefix another sequence (or the cache) held."""
+
+    #: Generations that copied part of their prompt instead of evaluating it.
+    hits: int
+    #: Prompt tokens copied instead of evaluated.
+    tokens_reused: int
+    #: Tokens the prefix cache holds now.
+    cached: int
 
 
 class Prefixes:

@@ -5,19 +5,26 @@ from __future__ import annotations
 import random
 from types import ModuleType
 
-from seqlease.native.model import NativeModel
+from seqlease.engine.seam import Samplers
+from seqlease.native.context import NativeContext
 from seqlease.native.sampler import SamplerChain
 from seqlease.request.params import SamplingParams
 
-__all__ = ["build_sampler"]
+__all__ = ["build_sampler", "native_samplers"]
 
 
-def build_sampler(lib: ModuleType, params: SamplingParams, model: NativeModel) -> SamplerChain:
+def native_samplers(lib: ModuleType, native: NativeContext) -> Samplers:
+    """The engine's :data:`Samplers`: llama.cpp sampler chains on ``native``'s logits."""
+    return lambda params: build_sampler(lib, native, params)
+
+
+def build_sampler(lib: ModuleType, native: NativeContext, params: SamplingParams) -> SamplerChain:
     """Logit bias, penalties, top-k, top-p, min-p and temperature, then a seeded draw.
 
     Greedy at temperature 0. A grammar (already checked at the call) constrains the chain.
     """
-    chain = SamplerChain(lib)
+    model = native.model
+    chain = SamplerChain(lib, native)
     try:
         if params.grammar is not None:
             chain.constrain(model.grammar(params.grammar))

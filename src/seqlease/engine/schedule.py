@@ -18,8 +18,11 @@ class Schedulable(Protocol):
 
     #: Prompt tokens still to evaluate.
     pending: list[int]
-    #: The sequence the job evaluates on.
-    seq_id: int
+
+    @property
+    def seq_id(self) -> int:
+        """The sequence the job evaluates on."""
+        ...
 
 
 J = TypeVar("J", bound=Schedulable)

@@ -7,13 +7,12 @@ Every sequence id and token is validated here, in Python, before it reaches llam
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from seqlease.engine.layout import KvLayout
 from seqlease.errors import (
     DecodeError,
     InvalidSequenceError,
@@ -23,7 +22,7 @@ from seqlease.errors import (
 from seqlease.native.memory import MemoryOps
 from seqlease.native.model import NativeModel
 from seqlease.native.names import STATE_NEEDS, bound, missing
-from seqlease.native.params import check_kv_shape, context_params, kv_cache_bytes
+from seqlease.native.params import KvCells, check_kv_shape, context_params, kv_cache_bytes
 from seqlease.options import ContextOptions
 
 __all__ = ["BatchEntry", "NativeContext"]
@@ -50,9 +49,9 @@ class NativeContext:
         model: NativeModel,
         memory: MemoryOps,
         options: ContextOptions,
-        layout: KvLayout,
+        cells: KvCells,
     ) -> None:
-        """Create the context for resolved ``options`` with the sequences of ``layout``.
+        """Create the context for resolved ``options`` with the sequences and cells ``cells``.
 
         Raises:
             ValueError: the KV cache type cannot hold this model's attention heads.
@@ -64,8 +63,8 @@ class NativeContext:
         self.memory = memory
         shape = model.kv_shape()
         check_kv_shape(shape, options)
-        params = context_params(lib, options, layout)
-        n_seq_max, n_ctx_total = layout.n_seq_max, layout.n_ctx_total
+        params = context_params(lib, options, cells)
+        n_seq_max, n_ctx_total = cells.n_seq_max, cells.n_cells
         create = bound(lib, "create a context")
         ptr = create(model.ptr, params)
         if not ptr:
@@ -78,7 +77,7 @@ class NativeContext:
         self.n_seq_max = n_seq_max
         # With kv_unified=False each sequence has its own stream, and llama.cpp aborts on a
         # partial seq_cp between two streams (GGML_ASSERT "only supported for full KV buffers").
-        self.kv_unified = layout.unified
+        self.kv_unified = cells.unified
         self.n_batch = int(lib.llama_n_batch(ptr))
         self.n_ubatch = int(lib.llama_n_ubatch(ptr))
         #: KV cells llama.cpp made: what was asked, rounded up (to 256 per stream).
@@ -86,8 +85,10 @@ class NativeContext:
         #: Bytes of the KV cache llama.cpp allocated (``None`` for a model of unknown shape).
         self.kv_cache_bytes = kv_cache_bytes(shape, self.n_cells, options)
         # Our own budget: llama.cpp may round each stream up (to 256 cells), never down.
-        self.n_ctx_seq = layout.n_ctx_seq
+        self.n_ctx_seq = cells.n_ctx_seq
         self._batch = lib.llama_batch_init(self.n_batch, 0, n_seq_max)
+        #: Called with each batch before it is decoded: a test hook (``ctx.probe``).
+        self.observer: Callable[[list[BatchEntry]], None] | None = None
         # Older families have no usable seq_pos_max: track the highest position ourselves.
         self._tracked_pos_max = [-1] * n_seq_max
         #: Whether one sequence's memory can be saved and loaded (``llama_state_seq_*``).
@@ -247,8 +248,12 @@ class NativeContext:
 
     # -- decode -----------------------------------------------------------------------------
 
-    def decode(self, entries: Sequence[BatchEntry]) -> None:
-        """Decode one batch. Validates everything first; maps failures to :class:`DecodeError`."""
+    def check_batch(self, entries: Sequence[BatchEntry]) -> None:
+        """Raise ``ValueError`` for a batch llama.cpp would reject or abort on.
+
+        Empty, longer than ``n_batch``, a token outside the vocabulary, a sequence id outside
+        the context (:class:`InvalidSequenceError`), or a position outside the sequence.
+        """
         if not entries:
             raise ValueError("an empty batch cannot be decoded")
         if len(entries) > self.n_batch:
@@ -260,6 +265,12 @@ class NativeContext:
                 raise ValueError(
                     f"position {pos} of sequence {seq_id} is outside [0, {self.n_ctx_seq})"
                 )
+
+    def decode(self, entries: Sequence[BatchEntry]) -> None:
+        """Decode one batch. Validates everything first; maps failures to :class:`DecodeError`."""
+        self.check_batch(entries)
+        if self.observer is not None:
+            self.observer(list(entries))
         batch = self._batch
         for i, (token, pos, seq_id, logits) in enumerate(entries):
             batch.token[i] = token

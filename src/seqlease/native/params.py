@@ -14,7 +14,6 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-from seqlease.engine.layout import KvLayout
 from seqlease.errors import BackendUnavailableError
 from seqlease.native import names
 from seqlease.native.devices import gpu_count
@@ -23,6 +22,7 @@ from seqlease.options import ContextOptions, ModelOptions, default_threads, is_q
 
 __all__ = [
     "KV_TYPES",
+    "KvCells",
     "KvShape",
     "KvType",
     "check_kv_shape",
@@ -233,8 +233,22 @@ def model_params(lib: Any, options: ModelOptions) -> tuple[Any, Any]:
     return params, keep
 
 
-def context_params(lib: Any, options: ContextOptions, layout: KvLayout) -> Any:
-    """``llama_context_params`` for resolved ``options`` and the sequences of ``layout``."""
+@dataclass(frozen=True)
+class KvCells:
+    """The sequences and KV cells one context is created with (what llama.cpp is told)."""
+
+    #: Sequence ids llama.cpp must know.
+    n_seq_max: int
+    #: KV cells of the whole context.
+    n_cells: int
+    #: Tokens each sequence may hold (seqlease's budget; llama.cpp may round a stream up).
+    n_ctx_seq: int
+    #: One KV buffer for all sequences, instead of one stream per sequence.
+    unified: bool
+
+
+def context_params(lib: Any, options: ContextOptions, cells: KvCells) -> Any:
+    """``llama_context_params`` for resolved ``options`` and ``cells``."""
     if not isinstance(options.flash_attn, bool) or None in (
         options.n_ubatch,
         options.n_threads,
@@ -243,12 +257,12 @@ def context_params(lib: Any, options: ContextOptions, layout: KvLayout) -> Any:
         raise TypeError("context_params needs resolved options (see resolve)")
     params = lib.llama_context_default_params()
     if "kv_unified" in names.context_fields(lib):
-        params.kv_unified = layout.unified
+        params.kv_unified = cells.unified
     names.set_flash_attention(lib, params, options.flash_attn)
-    params.n_ctx = layout.n_ctx_total
+    params.n_ctx = cells.n_cells
     params.n_batch = options.n_batch
     params.n_ubatch = options.n_ubatch
-    params.n_seq_max = layout.n_seq_max
+    params.n_seq_max = cells.n_seq_max
     params.n_threads = options.n_threads
     params.n_threads_batch = options.n_threads_batch
     params.type_k = KV_TYPES[options.type_k].ggml_id

@@ -30,9 +30,10 @@ class SamplerChain:
     not reach it.
     """
 
-    def __init__(self, lib: ModuleType) -> None:
-        """An empty chain."""
+    def __init__(self, lib: ModuleType, context: NativeContext) -> None:
+        """An empty chain that samples from ``context``'s logits."""
         self._lib = lib
+        self._context = context
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         if not chain:
             raise SeqleaseError("llama.cpp could not create a sampler chain")
@@ -97,7 +98,7 @@ class SamplerChain:
             f"{len(init.argtypes)} arguments; use repeat_penalty=1.0 or upgrade the binding"
         )
 
-    def sample(self, context: NativeContext, row: int) -> int:
+    def sample(self, row: int) -> int:
         """Draw a token from the logits of batch ``row`` (and accept it into the chain).
 
         Raises:
@@ -107,8 +108,8 @@ class SamplerChain:
         """
         grammar = self._grammar
         if grammar is None:
-            return int(self._lib.llama_sampler_sample(self._ptr, context.ptr, row))
-        token = grammar.pick(context.logit_row(row), self._ptr)
+            return int(self._lib.llama_sampler_sample(self._ptr, self._context.ptr, row))
+        token = grammar.pick(self._context.logit_row(row), self._ptr)
         self._lib.llama_sampler_accept(self._ptr, token)
         return token
 

@@ -1,14 +1,13 @@
-"""One generation on one sequence: what the worker thread fills in and what the caller reads.
+"""One generation on one sequence: the :class:`Request` as submitted, and its :class:`Channel`.
 
-A :class:`Job` is written by exactly one worker thread (a backend's) once it is taken from the
-queue; its :class:`Channel` carries the text and the end to the caller. The channel never
-refers back to the caller's stream object, so a stream that is dropped can be finalized (and
-then cancels its job) while the worker still holds the job.
+A request is frozen; its channel carries the text and the end to the caller, and the caller's
+cancel back. The channel never refers back to the caller's stream object, so a stream that is
+dropped can be finalized (and then cancels its reply) while the worker still holds it.
 """
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 import threading
 import time
 from collections import deque
@@ -16,16 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from seqlease.errors import NativeError
 from seqlease.request.logprobs import Pieces, TokenLogprob
 from seqlease.request.params import SamplingParams
-from seqlease.request.text import TextAssembler
 
-__all__ = ["Channel", "FinishReason", "Job", "Result", "Vocabulary"]
+__all__ = ["AbortFlag", "Channel", "FinishReason", "Request", "Result", "Vocabulary"]
 
-logger = logging.getLogger("seqlease.engine")
-
-FinishReason = Literal["eog", "stop", "length", "cancelled", "error"]
+FinishReason = Literal["eog", "stop", "length", "cancelled"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +30,7 @@ class Result:
     #: The whole reply, stop markers excluded.
     text: str
     #: Why it ended: an end-of-generation token, a stop string, max_tokens or the context
-    #: limit ("length"), cancellation, or an error.
+    #: limit ("length"), or cancellation. A reply that fails raises instead.
     finish_reason: FinishReason
     #: Tokens of the prompt.
     n_prompt: int
@@ -150,51 +145,42 @@ class Channel:
             return self._end
 
 
-class Job:
-    """One generation's state; once submitted, only the worker thread changes it.
+class AbortFlag(Protocol):
+    """What a caller's ``abort`` offers: ``threading.Event`` or anything with ``is_set()``."""
 
-    ``cancel`` may be called from any thread (and from a finalizer): it only sets flags.
+    def is_set(self) -> bool:
+        """Whether the caller wants the reply stopped."""
+        ...
+
+
+@dataclass(frozen=True, eq=False)
+class Request:
+    """One generation as submitted: never changed once made, read by the worker.
+
+    What the worker keeps while it runs the request (its reply so far, its position, its
+    sampler) lives with the worker (:class:`~seqlease.request.reply.ReplyWriter` and the
+    engine's running state), never here.
     """
 
-    def __init__(
-        self,
-        seq_id: int,
-        prompt: list[int],
-        params: SamplingParams,
-        channel: Channel,
-        abort: threading.Event | None,
-    ) -> None:
-        """A job for ``seq_id``; ``abort`` (anything with ``is_set()``) stops it when set."""
-        self.seq_id = seq_id
-        self.prompt = prompt
-        self.params = params
-        self.channel = channel
-        self.abort = abort
-        self.cancelled = channel.cancelled
-        self.done = channel.done
-        self.started = time.monotonic()
-        # Filled in by the worker:
-        self.pending: list[int] = []  # prompt tokens still to evaluate
-        self.n_past = 0  # tokens in the sequence's memory
-        self.n_evaluated = 0
-        self.next_token: int | None = None  # sampled, to be decoded next step
-        self.n_generated = 0
-        self.text = TextAssembler(params.stop)
-        self._pieces: list[str] = []
-        self._logprobs: list[TokenLogprob] = []
-
-    @property
-    def decoding(self) -> bool:
-        """Whether the prompt is done and the job feeds back its own tokens."""
-        return self.next_token is not None
+    #: The sequence the reply is generated on.
+    seq_id: int
+    #: Everything the sequence should hold before the reply.
+    prompt: list[int]
+    params: SamplingParams
+    #: Where the reply's text and end go, and where the reader's cancel comes from.
+    channel: Channel
+    #: The caller's own stop switch, if any.
+    abort: AbortFlag | None = None
+    #: When it was submitted (``time.monotonic()``): a reply's seconds count from here.
+    submitted: float = dataclasses.field(default_factory=time.monotonic)
 
     def cancel(self) -> None:
-        """Ask the worker to stop this job at its next step (non-blocking, idempotent)."""
+        """Ask the worker to stop this reply at its next step (non-blocking, idempotent)."""
         self.channel.cancel()
 
     def should_stop(self) -> bool:
-        """Whether the caller gave up on the job (a broken ``abort`` counts as set)."""
-        if self.cancelled.is_set():
+        """Whether the caller gave up on the reply (a broken ``abort`` counts as set)."""
+        if self.channel.cancelled.is_set():
             return True
         if self.abort is None:
             return False
@@ -202,61 +188,3 @@ class Job:
             return bool(self.abort.is_set())
         except Exception:  # the caller's abort object is broken: it cannot un-stop either
             return True
-
-    def add_token(
-        self, token: int, vocab: Vocabulary, logprob: TokenLogprob | None = None
-    ) -> FinishReason | None:
-        """Count a sampled token and deliver its text; why the reply ends with it, if it does.
-
-        The context limit is the backend's to check: only it knows how the sequence fills.
-        """
-        self.n_generated += 1
-        if logprob is not None:
-            self._logprobs.append(logprob)
-        if vocab.is_eog(token):
-            return "eog"
-        self.say(self.text.feed(vocab.token_to_piece(token)))
-        if self.text.stopped:
-            return "stop"
-        if self.n_generated >= self.params.max_tokens:
-            return "length"
-        return None
-
-    def say(self, text: str) -> None:
-        """Deliver a piece of reply text."""
-        if text:
-            self._pieces.append(text)
-            self.channel.put(text)
-
-    def finish(self, reason: FinishReason) -> None:
-        """Flush held-back text and report the result; ``done`` is set whatever happens."""
-        try:
-            if reason != "cancelled":
-                self.say(self.text.finish())
-            self.channel.end(self.result(reason))
-        except Exception as exc:  # flushing failed: the caller still hears of the end
-            logger.error("ending sequence %d's reply failed", self.seq_id, exc_info=exc)
-            error = NativeError(f"sequence {self.seq_id}: ending the reply failed: {exc!r}")
-            error.__cause__ = exc
-            self.channel.end(error)
-        finally:
-            self.done.set()
-
-    def fail(self, error: BaseException) -> None:
-        """Report an error to this job's caller only; ``done`` is set whatever happens."""
-        try:
-            self.channel.end(error)
-        finally:
-            self.done.set()
-
-    def result(self, reason: FinishReason) -> Result:
-        """The job's numbers so far, as a :class:`Result` that ended for ``reason``."""
-        return Result(
-            text="".join(self._pieces),
-            finish_reason=reason,
-            n_prompt=len(self.prompt),
-            n_evaluated=self.n_evaluated,
-            n_generated=self.n_generated,
-            seconds=time.monotonic() - self.started,
-            logprobs=tuple(self._logprobs) if self.params.logprobs else None,
-        )
