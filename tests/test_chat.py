@@ -82,11 +82,15 @@ def test_a_reply_is_recorded_as_generated_so_the_next_turn_evaluates_only_itself
     reply = " Hello there.\n"
     with ctx.lease() as seq:
         chat = seqlease.ChatSession(seq)
-        said = chat.prompt("Say hello.", grammar='root ::= " Hello there.\\n"', max_tokens=16)
+        grammar = 'root ::= " Hello there.\\n"'
+        said = chat.prompt("Say hello.", grammar=grammar, temperature=0, max_tokens=16)
         assert said == reply
         assert chat.history[-1] == {"role": "assistant", "content": reply}
-        # What the sequence holds: the first prompt, then the reply's tokens.
+        # What the sequence holds: the first prompt, then the reply's tokens (greedy: the
+        # tokenizer's own split, which a sampled reply need not be).
         held = chat._tokens(chat.history[:1]) + ctx.model.tokenize(reply, add_bos=False)
+        if ctx.backend.name == "session":
+            assert ctx.probe.held(seq.id) == tuple(held)
         chat.prompt("Again.", temperature=0, max_tokens=4)
         second = chat.last_result
         assert second is not None
