@@ -7,8 +7,10 @@ not Python (a shell command, an error message) is fenced as ``bash`` or ``text``
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import pytest
 from sybil import Sybil
 from sybil.parsers.markdown import PythonCodeBlockParser, SkipParser
 
@@ -29,3 +31,16 @@ pytest_collect_file = Sybil(
     patterns=["README.md", "docs/*.md", "docs/*/*.md"],
     teardown=_close_contexts,
 ).pytest()
+
+
+_UNIT = Path(__file__).parent / "tests" / "unit"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test outside ``tests/unit`` as ``model``: it may load one through llama.cpp.
+
+    ``python -m pytest -m "not model"`` runs the unit suite alone, in seconds.
+    """
+    for item in items:
+        if _UNIT not in item.path.parents:
+            item.add_marker(pytest.mark.model)

@@ -46,7 +46,7 @@ def settle(ctx: seqlease.Context, timeout: float = 5.0) -> seqlease.PoolStats:
     deadline = time.monotonic() + timeout
     while True:
         stats = ctx.stats()
-        if stats.quarantined == 0 or time.monotonic() > deadline:
+        if stats.clearing == 0 or time.monotonic() > deadline:
             return stats
         time.sleep(0.001)
 

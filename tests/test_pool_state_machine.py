@@ -234,7 +234,8 @@ class PoolMachine(RuleBasedStateMachine):
     @invariant()
     def slots_add_up(self) -> None:
         stats = settle(self.ctx)
-        assert stats.leased + stats.free + stats.quarantined == stats.size == self.size
+        assert stats.leased + stats.free + stats.clearing + stats.quarantined == stats.size
+        assert stats.size == self.size
         assert stats.quarantined == 0
 
     @invariant()

@@ -657,3 +657,36 @@ def test_the_module_server_shuts_down_cleanly(server):
     assert _idle(server.url)["busy"] == 0
     assert stop(server.proc) == 0
     assert_shut_down_cleanly(server)
+
+
+@pytest.mark.timeout(60)
+def test_shutting_down_waits_close_timeout_for_a_lease_of_the_loops_own_tasks():
+    # The lifespan's close ran on the event loop's thread, where every request's lease is
+    # held: the pool skipped them all, and close_timeout waited for nothing.
+    import seqlease
+    from seqlease.server.app import create_app
+    from tiny_model import tiny_model_path
+
+    ctx = seqlease.Context(tiny_model_path(), sequences=1, n_ctx=64, n_threads=1)
+    app = create_app(ctx, close_timeout=20)
+
+    released: list[float] = []
+
+    async def main() -> tuple[float, bool]:
+        async with app.router.lifespan_context(app):
+            seq = await ctx.aacquire()
+
+            async def answer_then_release() -> None:
+                await asyncio.sleep(0.3)  # a request still running as the server stops
+                released.append(time.monotonic())
+                await seq.arelease()
+
+            request = asyncio.create_task(answer_then_release())
+        closed, freed = time.monotonic(), ctx.probe.freed
+        await request
+        return closed, freed
+
+    closed, freed_at_close = asyncio.run(asyncio.wait_for(main(), 40))
+    assert closed >= released[0]  # the close waited for the lease...
+    assert freed_at_close  # ...and freed the model once it came back
+    assert ctx.stats().leased == 0

@@ -240,14 +240,14 @@ class Context:
 
         ``with ctx.lease(timeout=0) as seq: ...``. Raises the same errors as :meth:`acquire`.
         """
-        return Lease(self, check_timeout(timeout))
+        return Lease(self.acquire, check_timeout(timeout))
 
     def alease(self, timeout: float | None = None) -> AsyncLease:
         """Async :meth:`lease`, safe against cancellation while waiting and inside the block.
 
         ``async with ctx.alease() as seq: ...``.
         """
-        return AsyncLease(self, check_timeout(timeout))
+        return AsyncLease(self.aacquire, check_timeout(timeout))
 
     def complete(self, prompt: str, *, timeout: float | None = None, **sampling: Any) -> str:
         """Stateless completion of ``prompt`` ("Option C": no session, no memory kept).

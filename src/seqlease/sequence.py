@@ -334,8 +334,21 @@ class Sequence:
 
         Idempotent: a second call on the same handle does nothing (it is counted in stats).
         """
+        if self._begin_release():
+            self._pool.finish_release(self._slot)
+
+    async def arelease(self) -> None:
+        """:meth:`release` for asyncio code: the clearing runs off the event loop.
+
+        It completes even if the awaiting task is cancelled meanwhile.
+        """
+        if self._begin_release():
+            await self._pool.afinish_release(self._slot)
+
+    def _begin_release(self) -> bool:
+        """Claim the release and close bound sessions; ``False`` if released already."""
         if not self._pool.begin_release(self._slot, self._lease_number):
-            return
+            return False
         self._finalizer.detach()
         try:
             while self._closers:
@@ -344,8 +357,10 @@ class Sequence:
                     closer()
                 except Exception:
                     logger.exception("closing a session of sequence %d failed", self.id)
-        finally:
+        except BaseException:  # Ctrl-C in a closer: the slot is still cleared, not left out
             self._pool.finish_release(self._slot)
+            raise
+        return True
 
     def __enter__(self) -> Sequence:
         return self

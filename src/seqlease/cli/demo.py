@@ -558,11 +558,11 @@ def _table(clicks: list[Click]) -> list[str]:
 
 
 def _settled_stats(ctx: Context, timeout: float = 2.0) -> PoolStats:
-    # A slot is briefly "quarantined" while its memory is cleared after release.
+    # A slot is briefly "clearing" while its memory is cleared after release.
     deadline = time.monotonic() + timeout
     while True:
         stats = ctx.stats()
-        if stats.quarantined == 0 or time.monotonic() > deadline:
+        if stats.clearing == 0 or time.monotonic() > deadline:
             return stats
         time.sleep(0.005)
 

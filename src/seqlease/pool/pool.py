@@ -8,14 +8,16 @@ Every state change happens under one lock and keeps these invariants:
 * a slot goes back into service only after its memory was cleared.
 
 The native work (clearing a sequence's memory) is done by the ``clear`` callback, outside the
-lock, by the releasing thread. Handles dropped without release are reported by a weakref
+lock: by the releasing thread, or, for an asyncio release, by the pool's one janitor thread
+(never a thread per release). Handles dropped without release are reported by a weakref
 finalizer, which may run inside any thread at any moment (even one holding this lock): it only
-puts the slot on a ``SimpleQueue`` (safe there by design) for a janitor thread to reclaim.
+puts the reclaim on a ``SimpleQueue`` (safe there by design) for the janitor to run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import logging
 import queue
@@ -27,6 +29,7 @@ from collections.abc import Callable
 
 from seqlease.checks import check_timeout
 from seqlease.errors import ContextClosedError, LeaseLeakWarning, PoolExhausted, TooManyWaiters
+from seqlease.loop_bridge import wake_from_thread
 from seqlease.pool.slot import Slot, SlotState
 from seqlease.pool.stats import Holder, PoolStats
 from seqlease.pool.waiter import AsyncWaiter, ThreadWaiter, Waiter, assign
@@ -36,6 +39,7 @@ __all__ = ["SequencePool"]
 logger = logging.getLogger("seqlease.pool")
 
 _STOP = None  # janitor sentinel
+_Work = Callable[[], None]
 
 
 class SequencePool:
@@ -66,9 +70,12 @@ class SequencePool:
         self._acquires = self._releases = self._timeouts = self._rejected = 0
         self._leaked = self._double_releases = 0
         self._longest_wait = 0.0
-        self._reclaims: queue.SimpleQueue[tuple[Slot, int] | None] = queue.SimpleQueue()
+        # The janitor's work, in order: reclaims of dropped handles and asyncio releases.
+        self._work: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        self._janitor_stopped = False  # under the lock: the stop is queued, nothing after it
         # Started now, not on the first leak: starting a thread from inside a finalizer could
-        # deadlock on the interpreter's own thread-bookkeeping lock.
+        # deadlock on the interpreter's own thread-bookkeeping lock. A daemon: at exit an
+        # unfinished release has nothing left to protect, the process's memory goes with it.
         self._janitor = threading.Thread(target=self._janitor_loop, name="seqlease-janitor")
         self._janitor.daemon = True
         self._janitor.start()
@@ -78,7 +85,7 @@ class SequencePool:
     def acquire(self, timeout: float | None, origin: str) -> tuple[Slot, int]:
         """Lease a slot from a thread, waiting up to ``timeout`` seconds (``None``: forever)."""
         timeout = check_timeout(timeout)
-        self._drain_reclaims()
+        self._run_queued()  # reclaims first, so that a dropped handle's slot can be leased now
         with self._lock:
             got = self._admit(timeout, origin, ThreadWaiter)
         if isinstance(got, Slot):
@@ -94,6 +101,8 @@ class SequencePool:
     async def aacquire(self, timeout: float | None, origin: str) -> tuple[Slot, int]:
         """Lease a slot from an asyncio task; cancellation at any point leaks nothing."""
         timeout = check_timeout(timeout)
+        if not self._work.empty():  # as acquire() does, without clearing on the event loop
+            await self._on_janitor(lambda: None)
         with self._lock:
             got = self._admit(timeout, origin, AsyncWaiter)
         if isinstance(got, Slot):
@@ -221,6 +230,34 @@ class SequencePool:
             # Runs on KeyboardInterrupt too: the slot is never left in limbo.
             self._settle(slot, cleared, reclaimed)
 
+    async def afinish_release(self, slot: Slot) -> None:
+        """:meth:`finish_release` on the janitor thread; it completes even if we are cancelled.
+
+        Clearing may wait for the engine to finish a step, which an event loop must not.
+        Not the loop's default executor: its queued work is dropped when the awaiting task is
+        cancelled, and it may be busy with the application's own blocking calls.
+        """
+        await self._on_janitor(functools.partial(self.finish_release, slot))
+
+    async def _on_janitor(self, work: _Work) -> None:
+        """Run ``work`` after everything queued before it, on the janitor; await its end."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def job() -> None:
+            try:
+                work()
+            finally:
+                wake_from_thread(loop, done)
+
+        with self._lock:
+            inline = self._janitor_stopped  # closed and idle: nothing left that could wait
+            if not inline:
+                self._work.put(job)
+        if inline:
+            job()
+        await asyncio.shield(done)
+
     def _settle(self, slot: Slot, cleared: bool, reclaimed: bool) -> None:
         with self._lock:
             held = time.monotonic() - slot.leased_at
@@ -246,7 +283,7 @@ class SequencePool:
         if slot.lease_number != lease_number or slot.state is not SlotState.LEASED:
             return  # released normally after all (racy read; begin_release re-checks)
         # Queue before warning: under ``-W error`` the warning raises, here and nowhere else.
-        self._reclaims.put((slot, lease_number))
+        self._work.put(functools.partial(self._reclaim, slot, lease_number))
         warnings.warn(
             f"sequence {slot.seq_id} leased at {origin} was never released; seqlease reclaimed "
             "it. Use `with ctx.lease() as seq:` or call seq.release() in a finally block",
@@ -261,21 +298,21 @@ class SequencePool:
             slot.state = SlotState.CLEARING
         self.finish_release(slot, reclaimed=True)
 
-    def _drain_reclaims(self) -> None:
-        """Reclaim what finalizers queued, on this thread, so stats and leases see it at once."""
-        while not self._reclaims.empty():
+    def _run_queued(self) -> None:
+        """Run the janitor's queued work on this thread, so stats and leases see it at once."""
+        while not self._work.empty():
             try:
-                item = self._reclaims.get_nowait()
+                item = self._work.get_nowait()
             except queue.Empty:
                 return
             if item is _STOP:
-                self._reclaims.put(item)  # the janitor's, not ours
+                self._work.put(item)  # the janitor's, not ours
                 return
-            self._reclaim(*item)
+            item()
 
     def _janitor_loop(self) -> None:
-        while (item := self._reclaims.get()) is not _STOP:
-            self._reclaim(*item)
+        while (item := self._work.get()) is not _STOP:
+            item()
 
     # -- closing and stats ------------------------------------------------------------------
 
@@ -291,7 +328,7 @@ class SequencePool:
         thread are not waited for: that would wait for ourselves.
         """
         timeout = check_timeout(timeout)
-        self._drain_reclaims()
+        self._run_queued()
         deadline = None if timeout is None else time.monotonic() + timeout
         me = threading.current_thread()
         with self._lock:
@@ -319,7 +356,8 @@ class SequencePool:
         if self._idle_reported or self._busy():
             return False
         self._idle_reported = True
-        self._reclaims.put(_STOP)
+        self._janitor_stopped = True
+        self._work.put(_STOP)
         return True
 
     @property
@@ -333,15 +371,16 @@ class SequencePool:
 
     def stats(self) -> PoolStats:
         """A consistent snapshot, after reclaiming whatever finalizers reported."""
-        self._drain_reclaims()
+        self._run_queued()
         with self._lock:
             now = time.monotonic()
-            leased = sum(s.state is SlotState.LEASED for s in self._slots)
+            states = [s.state for s in self._slots]
             return PoolStats(
                 size=self.size,
-                leased=leased,
+                leased=states.count(SlotState.LEASED),
                 free=len(self._free),
-                quarantined=self.size - leased - len(self._free),
+                quarantined=states.count(SlotState.QUARANTINED),
+                clearing=states.count(SlotState.CLEARING),
                 waiting=len(self._waiters),
                 acquires=self._acquires,
                 releases=self._releases,

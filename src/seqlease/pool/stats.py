@@ -35,7 +35,7 @@ class PoolStats:
     leased: int
     #: Sequences free to lease now.
     free: int
-    #: Sequences out of service: being cleared after release, or quarantined after a failure.
+    #: Sequences out of service for good: their memory could not be cleared after a failure.
     quarantined: int
     #: Callers waiting for a sequence.
     waiting: int
@@ -55,6 +55,8 @@ class PoolStats:
     longest_wait: float
     #: Who holds each leased sequence, by ``seq_id``.
     holders: tuple[Holder, ...]
+    #: Sequences released and being cleared, about to be free (or quarantined) again.
+    clearing: int = 0
     #: Generations whose prompt started from a prefix copied from another sequence or the
     #: prefix cache (``Context.stats()`` fills these in; the pool alone knows no prompts).
     prefix_hits: int = 0

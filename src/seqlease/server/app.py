@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -51,7 +53,9 @@ def create_app(
             yield
         finally:
             # Uvicorn has drained the requests it waited for; fail the queue, free the model.
-            ctx.close(timeout=close_timeout)
+            # Off the loop: leases of this loop's tasks count as its thread's, and a close on
+            # that thread would not wait for them (they cannot come back while it blocks).
+            await anyio.to_thread.run_sync(functools.partial(ctx.close, timeout=close_timeout))
 
     app = FastAPI(title="seqlease", lifespan=lifespan)
     install_handlers(app)
