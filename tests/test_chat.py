@@ -88,13 +88,14 @@ def test_a_reply_is_recorded_as_generated_so_the_next_turn_evaluates_only_itself
         assert chat.history[-1] == {"role": "assistant", "content": reply}
         # What the sequence holds: the first prompt, then the reply's tokens (greedy: the
         # tokenizer's own split, which a sampled reply need not be).
-        held = chat._tokens(chat.history[:1]) + ctx.model.tokenize(reply, add_bos=False)
+        first = chat.template.tokenize(seq.model, chat.history[:1])
+        held = first + ctx.model.tokenize(reply, add_bos=False)
         if ctx.backend.name == "session":
             assert ctx.probe.held(seq.id) == tuple(held)
         chat.prompt("Again.", temperature=0, max_tokens=4)
         second = chat.last_result
         assert second is not None
-        prompt = chat._tokens(chat.history[:3])
+        prompt = chat.template.tokenize(seq.model, chat.history[:3])
         assert prompt[: len(held)] == held  # the history renders to the tokens held
         if ctx.backend.name == "session":  # the completion backend keeps no sequence's memory
             # Only the new user turn and the template's markup around it are evaluated.
@@ -119,7 +120,7 @@ def test_the_fallback_layout_stops_at_user_with_or_without_a_callers_stop(ctx, m
     grammar = 'root ::= "Name: USER: Bob"'
     with ctx.lease() as seq:
         chat = seqlease.ChatSession(seq)
-        assert chat._template.is_fallback
+        assert chat.template.is_fallback
         for stop in (None, ["Bob"]):
             assert chat.prompt("Who is it?", grammar=grammar, max_tokens=16, stop=stop) == "Name: "
             assert chat.last_result.finish_reason == "stop"
@@ -167,7 +168,7 @@ def test_closing_the_stream_early_stops_the_reply_and_sessions_share_the_templat
             stream = chat.astream("Count to one hundred.", temperature=0, max_tokens=200)
             await anext(stream)
             await stream.aclose()  # typed as an AsyncGenerator, so this is allowed
-            assert seqlease.ChatSession(seq)._template is chat._template  # compiled once
+            assert seqlease.ChatSession(seq).template is chat.template  # compiled once
             return chat.last_result
 
     assert asyncio.run(main()) is None  # the reply never completed
@@ -196,7 +197,7 @@ def test_concurrent_prompts_on_one_session_take_turns(ctx):
         # The turn that waited was prompted with the first exchange, not the history it saw
         # when it was called.
         assert chat.last_result is not None
-        assert chat.last_result.n_prompt == len(chat._tokens(chat.history[:3]))
+        assert chat.last_result.n_prompt == len(chat.template.tokenize(seq.model, chat.history[:3]))
 
 
 def test_parameters_are_sanitized(ctx):

@@ -631,7 +631,7 @@ def test_close_cancels_everything_and_is_idempotent(fresh: CompletionBackend) ->
     bounded(fresh.close)
     assert held.result().finish_reason == "cancelled"
     assert bounded(queued.result).finish_reason == "cancelled"
-    assert not fresh._thread.is_alive()
+    assert not fresh.serving
     assert fresh.freed
     bounded(fresh.close)
     bounded(fresh.close)
@@ -661,8 +661,7 @@ def test_close_on_the_worker_thread_frees_as_it_exits(fresh: CompletionBackend) 
         fresh.generate(0, tokens_of(fresh), sanitize(temperature=0, max_tokens=50), None, channel)
     )
     assert job.channel.done.wait(TIMEOUT)
-    fresh._thread.join(TIMEOUT)
-    assert not fresh._thread.is_alive()
+    assert fresh.join(TIMEOUT)
     assert fresh.freed  # as the thread exited
     first_text, freed_at_close = at_close[0]
     assert not freed_at_close  # not while the worker still ran
@@ -680,7 +679,7 @@ def test_close_from_another_thread_while_idle(fresh: CompletionBackend) -> None:
     closer.start()
     closer.join(TIMEOUT)
     assert not closer.is_alive()
-    assert not fresh._thread.is_alive()
+    assert not fresh.serving
     assert fresh.freed
 
 
@@ -816,7 +815,7 @@ def test_errors_reach_their_caller_and_the_worker_survives(
     assert isinstance(end, NativeError), end
     assert "the consumer's queue is gone" in str(end)
     assert isinstance(end.__cause__, RuntimeError)
-    assert backend._thread.is_alive()
+    assert backend.serving
     assert run(backend, tokens, seq_id=0, max_tokens=3)[1].n_generated == 3
 
 

@@ -77,7 +77,8 @@ def test_memory_moved_by_a_shift_is_never_copied_into_another_lease():
         chat = seqlease.ChatSession(seq, system_prompt="Be brief.")
         while chat.last_result is None or chat.last_result.n_trimmed == 0:
             chat.prompt(FILLER[len(chat.history) % len(FILLER)], **GREEDY)
-        window = chat._tokens(chat._split()[0] + chat._split()[1][chat._trimmed :])
+        system, *turns = chat.history  # the prompt leaves out the oldest n_trimmed turns
+        window = chat.template.tokenize(seq.model, [system, *turns[chat.last_result.n_trimmed :]])
         hits = ctx.stats().prefix_hits
         with ctx.lease() as other:
             result = other.generate(window, temperature=0, max_tokens=2).result()

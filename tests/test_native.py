@@ -171,7 +171,7 @@ def test_control_raw_calls_that_do_not_abort(run_python: Any) -> None:
     # a sequence that does not exist. Validation still matters there: without it a caller
     # gets a generic decode failure, or a snapshot of nothing, instead of InvalidSequenceError.
     code = _child("""
-b = ctx._batch
+b = lib.llama_batch_init(1, 0, 1)
 b.token[0], b.pos[0], b.n_seq_id[0], b.logits[0], b.n_tokens = tokens[0], 0, 1, True, 1
 b.seq_id[0][0] = 7
 print("decode", lib.llama_decode(ctx.ptr, b))
@@ -328,7 +328,7 @@ def test_control_raw_token_to_piece_with_bad_token_aborts(run_python: Any) -> No
     code = _child("""
 import ctypes
 buf = ctypes.create_string_buffer(64)
-lib.llama_token_to_piece(model._vocab, model.n_vocab, buf, 64, 0, False)
+lib.llama_token_to_piece(lib.llama_model_get_vocab(model.ptr), model.n_vocab, buf, 64, 0, False)
 print("survived")
 """)
     result = run_python(code)

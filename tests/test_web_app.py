@@ -139,9 +139,7 @@ def _settled(url: str, timeout: float = 5.0) -> dict:
     with httpx.Client() as client:
         while True:
             stats = _stats(client, url)
-            if (stats["leased"] == 0 and stats["clearing"] == 0) or (
-                time.monotonic() > deadline
-            ):
+            if (stats["leased"] == 0 and stats["clearing"] == 0) or (time.monotonic() > deadline):
                 return stats
             time.sleep(0.01)
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(30)
 
 def _queued(guard: Guard, n: int) -> None:
     deadline = time.monotonic() + 10
-    while len(guard._queue) < n:
+    while guard.waiting < n:
         assert time.monotonic() < deadline, "the waiter never queued"
         time.sleep(0.001)
 
@@ -82,7 +82,7 @@ def test_ctrl_c_while_waiting_leaves_the_queue() -> None:
     threading.Thread(target=interrupt_the_waiter).start()
     with pytest.raises(KeyboardInterrupt):
         guard.acquire()  # this test runs on the main thread, where Ctrl-C arrives
-    assert not guard._queue  # else the holder's release would hand the guard to nobody
+    assert guard.waiting == 0  # else the holder's release would hand the guard to nobody
     done.set()
     thread.join(10)
     with guard:  # free, not handed to a thread that left

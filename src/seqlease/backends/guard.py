@@ -25,6 +25,12 @@ class Guard:
         self._depth = 0
         self._queue: deque[tuple[int, threading.Lock]] = deque()
 
+    @property
+    def waiting(self) -> int:
+        """Threads queued for the guard now, in arrival order."""
+        with self._mutex:
+            return len(self._queue)
+
     def acquire(self) -> None:
         """Wait for the guard (at once where this thread already holds it)."""
         me = threading.get_ident()

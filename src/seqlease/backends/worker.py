@@ -42,6 +42,16 @@ class JobWorker(abc.ABC):
     def _start(self) -> None:
         self._thread.start()
 
+    @property
+    def serving(self) -> bool:
+        """Whether the worker thread is running (it stops after close, or when it dies)."""
+        return self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds for the worker thread to stop; whether it did."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     # -- caller side ------------------------------------------------------------------------
 
     def generate(

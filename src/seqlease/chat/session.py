@@ -185,6 +185,15 @@ class ChatSession:
         return self._seq
 
     @property
+    def template(self) -> ChatTemplate:
+        """The chat template the session renders its prompts with (compiled once per model).
+
+        ``chat.template.tokenize(chat.sequence.model, messages)`` gives the tokens of any
+        conversation as the session would send it.
+        """
+        return self._template
+
+    @property
     def history(self) -> list[dict[str, str]]:
         """The conversation so far, as ``{"role": ..., "content": ...}`` dicts (a copy)."""
         return [dict(m) for m in self._history]
