@@ -25,15 +25,22 @@ import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any
+from typing import Literal
 
-from report import CpuMeter, machine, markdown_table, print_table
+from report import (
+    DOCS,
+    CpuMeter,
+    as_ratio,
+    machine,
+    markdown_table,
+    never_end,
+    print_table,
+    write_page,
+)
 
 import seqlease
 
-ROOT = Path(__file__).resolve().parent.parent
-PAGE = ROOT / "docs" / "benchmarks-structured-output.md"
+PAGE = DOCS / "benchmarks-structured-output.md"
 PROMPT = "Write a list of people as JSON:"
 SCHEMA = {
     "type": "array",
@@ -50,14 +57,9 @@ SCHEMA = {
 }
 
 
-def eog_ban(ctx: seqlease.Context) -> dict[int, float]:
-    model: Any = ctx._backend.model  # the benchmark needs the vocabulary's end tokens
-    return {t: -100.0 for t in range(model.n_vocab) if model.is_eog(t)}
-
-
 def seconds_per_token(ctx: seqlease.Context, n: int, tokens: int, grammar: bool) -> float:
     """Mean over ``n`` concurrent sequences of each one's seconds per generated token."""
-    ban = eog_ban(ctx)
+    ban = never_end(ctx)
     barrier = threading.Barrier(n)
 
     def one(i: int) -> float:
@@ -83,7 +85,9 @@ def seconds_per_token(ctx: seqlease.Context, n: int, tokens: int, grammar: bool)
         return statistics.mean(pool.map(one, range(n)))
 
 
-def measure(backend: str, widths: list[int], tokens: int, repeats: int) -> list[list[str]]:
+def measure(
+    backend: Literal["session", "completion"], widths: list[int], tokens: int, repeats: int
+) -> list[list[str]]:
     rows: list[list[str]] = []
     with seqlease.Context(sequences=max(widths), n_ctx=512, backend=backend) as ctx:
         seconds_per_token(ctx, 1, 8, grammar=True)  # warm-up: weights in cache, code paths
@@ -111,7 +115,7 @@ def measure(backend: str, widths: list[int], tokens: int, repeats: int) -> list[
                     str(n),
                     f"{statistics.median(plain) * 1e3:.1f}",
                     f"{statistics.median(constrained) * 1e3:.1f}",
-                    f"**{statistics.median(ratios):.2f}x**",
+                    f"**{as_ratio(statistics.median(ratios))}**",
                     f"{max(others):.0%}",
                 ]
             )
@@ -140,14 +144,12 @@ def main() -> None:
     print()
     print_table(HEADER, session)
     print_table(HEADER, completion)
-    if not args.no_write:
-        write(session, completion, tokens, repeats)
+    write_page(None if args.no_write else PAGE, page(session, completion, tokens, repeats))
 
 
-def write(session: list[list[str]], completion: list[list[str]], tokens: int, n: int) -> None:
+def page(session: list[list[str]], completion: list[list[str]], tokens: int, n: int) -> str:
     about = machine()
-    PAGE.write_text(
-        f"""# Benchmarks: structured output
+    return f"""# Benchmarks: structured output
 
 Time per generated token with a JSON-schema grammar against none (`python
 benchmarks/grammar.py`, {datetime.date.today()}: {tokens} tokens per sequence, median of {n}
@@ -176,8 +178,6 @@ time, so there is no row for 8.
 Machine: {about["cpu"]}, {about["ram"]}, {about["os"]}; Python {about["python"]},
 llama-cpp-python {about["llama-cpp-python"]}, seqlease {about["seqlease"]}.
 """
-    )
-    print(f"wrote {PAGE.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

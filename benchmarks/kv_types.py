@@ -46,7 +46,6 @@ import logging
 import random
 import re
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -54,14 +53,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from report import CpuMeter, child_json, machine, markdown_table, print_table
+from report import (
+    DOCS,
+    CpuMeter,
+    as_ratio,
+    child_json,
+    machine,
+    markdown_table,
+    peak_rss_mb,
+    print_table,
+    rerun_command,
+    write_page,
+)
 
 import seqlease
 from seqlease.context import default_threads
 from seqlease.request.prompt import common_prefix
 
-ROOT = Path(__file__).resolve().parent.parent
-PAGE = ROOT / "docs" / "benchmarks-kv-types.md"
+PAGE = DOCS / "benchmarks-kv-types.md"
 SEQUENCES = 8
 MIB = 1024 * 1024
 
@@ -150,7 +159,7 @@ def prompt_text(k: int, sentences: int) -> str:
 
 def build_prompts(ctx: seqlease.Context, n: int, length: int) -> list[list[int]]:
     """``n`` prompts of exactly ``length`` tokens (a BOS too, if the model adds one)."""
-    model = ctx._backend.model  # benchmark-only: the model's tokenizer
+    model = ctx.model
     prompts = []
     for k in range(n):
         sentences = max(4, length // 10)
@@ -171,12 +180,6 @@ class LogLines(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(record.getMessage())
-
-
-def vm_hwm_mib() -> float:
-    # This process's own peak resident memory since exec.
-    match = re.search(r"^VmHWM:\s*(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    return int(match.group(1)) / 1024 if match else float("nan")
 
 
 # -- one configuration, in a fresh process ---------------------------------------------------
@@ -236,7 +239,7 @@ def run_config(args: argparse.Namespace, config: Config) -> dict[str, Any]:
         with ctx.lease() as seq:  # pages the weights in; shares nothing with the prompts
             seq.generate("Warm-up: the weather today.", temperature=0.0, max_tokens=4).result()
         out.update(measure(ctx, prompts, args.gen_tokens))
-        out["peak_rss_mib"] = vm_hwm_mib()
+        out["peak_rss_mib"] = peak_rss_mb()
         return out
     finally:
         ctx.close()
@@ -294,11 +297,10 @@ def measure(ctx: seqlease.Context, prompts: list[list[int]], gen_tokens: int) ->
 
 def run_child(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     """One configuration in a fresh process, OpenMP's default wait policy."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--model", args.model]
+    options = ["--model", args.model]
     for name in ("n_ctx", "prompt_tokens", "gen_tokens"):
-        command += ["--" + name.replace("_", "-"), str(getattr(args, name))]
-    command += ["--_config", config.key]
-    return child_json(command, wait_policy=None)
+        options += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    return child_json(__file__, *options, "--_config", config.key, wait_policy=None)
 
 
 # -- summary ----------------------------------------------------------------------------------
@@ -336,7 +338,7 @@ def ratios(
 
 
 def rx(values: list[float]) -> str:
-    return f"{statistics.median(values):.2f}x"
+    return as_ratio(statistics.median(values))
 
 
 def mib(value: float | None) -> str:
@@ -372,7 +374,7 @@ def table_rows(runs: dict[str, list[dict[str, Any]]], refused: dict[str, Any]) -
                 config.label,
                 mib(kv) + ("" if agree(first) else " (disagree)"),
                 mib(formula_mib(first)),
-                "?" if kv is None or not base_kv else f"{kv / base_kv:.2f}x",
+                "?" if kv is None or not base_kv else as_ratio(kv / base_kv),
                 f"{pt:.0f}" + ("" if base else f" ({rx(ratios(runs, config.key, prompt_tps))})"),
                 f"{gt:.1f}" + ("" if base else f" ({rx(ratios(runs, config.key, gen_tps))})"),
                 f"{rss:.0f}",
@@ -410,9 +412,10 @@ def reading(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> 
 
     return (
         f"For {SEQUENCES} sequences x {args.n_ctx:,} tokens ({cells:,} KV cells), an f16 cache "
-        f"takes {base:.0f} MiB; q8_0 takes {kv['q8_0-on']:.0f} MiB ({q8:.2f}x, {verdict} f16's "
-        f"memory), q4_0 {kv['q4_0-on']:.0f} MiB ({q4:.2f}x), and a q8_0 K with an f16 V "
-        f"{kv['q8_0k-off']:.0f} MiB ({mixed:.2f}x). Flash attention on the CPU, f16 cache, "
+        f"takes {base:.0f} MiB; q8_0 takes {kv['q8_0-on']:.0f} MiB ({as_ratio(q8)}, {verdict} "
+        f"f16's memory), q4_0 {kv['q4_0-on']:.0f} MiB ({as_ratio(q4)}), and a q8_0 K with an "
+        f"f16 V {kv['q8_0k-off']:.0f} MiB ({as_ratio(mixed)}). Flash attention on the CPU, f16 "
+        f"cache, "
         f"against off: prompt {fa_p}, generation {fa_g}. With flash attention on both sides, "
         f"q8_0 against f16: prompt {q8_p}, generation {q8_g}; q4_0 against f16: prompt {q4_p}, "
         f"generation {q4_g}. The q8_0 K / f16 V cache without flash attention, against the "
@@ -450,7 +453,7 @@ def checks(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> l
     return sorted(set(out))
 
 
-def write_page(
+def render_page(
     args: argparse.Namespace,
     command: str,
     runs: dict[str, list[dict[str, Any]]],
@@ -567,8 +570,7 @@ def main() -> None:
     if args.prompt_tokens + args.gen_tokens > args.n_ctx:
         parser.error("--prompt-tokens + --gen-tokens must fit in --n-ctx")
 
-    shown = [a for a in sys.argv[1:] if a != "--no-write"]
-    command = " ".join(["python", "benchmarks/kv_types.py", *shown])
+    command = rerun_command(__file__)
     started = time.perf_counter()
     print(
         f"model {args.model}\n{SEQUENCES} sequences x {args.n_ctx} tokens; prompts of "
@@ -602,12 +604,8 @@ def main() -> None:
     print(reading(args, runs))
     for line in odd:
         print(f"CHECK: {line}")
-    page = write_page(args, command, runs, rows, refused, odd)
-    if args.no_write:
-        print(f"page rendered ({len(page):,} characters), not written (--no-write)")
-    else:
-        PAGE.write_text(page)
-        print(f"wrote {PAGE}")
+    page = render_page(args, command, runs, rows, refused, odd)
+    write_page(None if args.no_write else PAGE, page)
     print(f"total {time.perf_counter() - started:.0f} s")
 
 

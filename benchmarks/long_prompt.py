@@ -54,9 +54,7 @@ import contextlib
 import datetime
 import json
 import os
-import resource
 import statistics
-import sys
 import threading
 import time
 import uuid
@@ -65,14 +63,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from report import CpuMeter, child_json, machine, markdown_table, print_table
+from report import (
+    DOCS,
+    CpuMeter,
+    as_ratio,
+    child_json,
+    machine,
+    markdown_table,
+    peak_rss_mb,
+    print_table,
+    rerun_command,
+    write_page,
+)
 
 import seqlease
 from seqlease.context import default_threads
 from seqlease.request.prompt import common_prefix
 
-ROOT = Path(__file__).resolve().parent.parent
-PAGE = ROOT / "docs" / "benchmarks-long-prompts.md"
+PAGE = DOCS / "benchmarks-long-prompts.md"
 
 N_CTX = 2048
 MAX_TOKENS = 16
@@ -299,26 +307,9 @@ def warm_up(ctx: seqlease.Context) -> None:
         seq.generate(WARM_UP, temperature=0.0, max_tokens=4).result()
 
 
-def engine_of(ctx: seqlease.Context) -> Any:
-    # Benchmark-only introspection: the session backend's engine counts decoded tokens.
-    return ctx._backend.engine  # type: ignore[attr-defined]
-
-
 def prompt_tokens_decoded(delta: int, replies: list[Reply]) -> int:
     """Prompt tokens among ``delta`` decoded ones: each reply fed back all but its last token."""
     return delta - sum(max(0, r.n_generated - 1) for r in replies)
-
-
-def peak_rss_mb() -> float:
-    # VmHWM is this process's own peak since exec; ru_maxrss can carry a parent's peak over.
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # -- measurements (each in a fresh subprocess) -------------------------------------------------
@@ -330,7 +321,7 @@ def run_workload(args: argparse.Namespace, path: str) -> dict[str, Any]:
     t = time.perf_counter()
     ctx = seqlease.Context(args.model, sequences=args.concurrency, n_ctx=N_CTX, **options)
     load_seconds = time.perf_counter() - t
-    engine = engine_of(ctx)
+    probe = ctx.probe  # the engine's own count of decoded tokens
     try:
         warm_up(ctx)
         todo = deque(range(args.requests))
@@ -355,7 +346,7 @@ def run_workload(args: argparse.Namespace, path: str) -> dict[str, Any]:
         threads = [threading.Thread(target=client) for _ in range(args.concurrency)]
         for thread in threads:
             thread.start()
-        evaluated0, stats0 = engine.evaluated, ctx.stats()
+        evaluated0, stats0 = probe.evaluated, ctx.stats()
         meter = CpuMeter()
         barrier.wait()
         mark = meter.start()
@@ -372,13 +363,13 @@ def run_workload(args: argparse.Namespace, path: str) -> dict[str, Any]:
         out: dict[str, Any] = {
             "path": path,
             "concurrency": args.concurrency,
-            "kv_unified": ctx._backend.layout.unified,  # type: ignore[attr-defined]
+            "kv_unified": probe.kv_unified,
             "load_seconds": load_seconds,
             "wall": wall,
             "neighbours": neighbours,
             "peak_rss_mb": peak,
             "replies": [asdict(r) for r in done],
-            "engine_prompt_tokens": prompt_tokens_decoded(engine.evaluated - evaluated0, done),
+            "engine_prompt_tokens": prompt_tokens_decoded(probe.evaluated - evaluated0, done),
             "prefix_hits": stats.prefix_hits - stats0.prefix_hits,
             "prefix_tokens_reused": stats.prefix_tokens_reused - stats0.prefix_tokens_reused,
             "prefix_cached_tokens": stats.prefix_cached_tokens,
@@ -392,7 +383,7 @@ def run_workload(args: argparse.Namespace, path: str) -> dict[str, Any]:
 
 def run_burst(ctx: seqlease.Context, n: int) -> dict[str, Any]:
     """``n`` requests released at once with one new system prompt: is it evaluated once?"""
-    engine = engine_of(ctx)
+    probe = ctx.probe
     system = fresh_system_prompt()
     barrier = threading.Barrier(n + 1)
     prompts: list[list[int]] = [[] for _ in range(n)]
@@ -403,8 +394,9 @@ def run_burst(ctx: seqlease.Context, n: int) -> dict[str, Any]:
         try:
             with ctx.lease() as seq:
                 chat = seqlease.ChatSession(seq, system_prompt=system)
-                # The exact token ids this turn sends (benchmark-only use of a private method).
-                prompts[k] = chat._prepare(QUESTIONS[k], {})[0]
+                # The exact token ids this turn sends: the conversation so far plus the question.
+                turn = [*chat.history, {"role": "user", "content": QUESTIONS[k]}]
+                prompts[k] = chat.template.tokenize(seq.model, turn)
                 barrier.wait()
                 t0 = time.perf_counter()
                 first = None
@@ -420,7 +412,7 @@ def run_burst(ctx: seqlease.Context, n: int) -> dict[str, Any]:
     threads = [threading.Thread(target=client, args=(k,)) for k in range(n)]
     for thread in threads:
         thread.start()
-    evaluated0, stats0 = engine.evaluated, ctx.stats()
+    evaluated0, stats0 = probe.evaluated, ctx.stats()
     with contextlib.suppress(threading.BrokenBarrierError):  # a client failed: errors says
         barrier.wait()
     for thread in threads:
@@ -438,7 +430,7 @@ def run_burst(ctx: seqlease.Context, n: int) -> dict[str, Any]:
         "prefix_len": common,
         "suffix_lengths": [length - common for length in lengths],
         "evaluated": [r.n_evaluated for r in done],
-        "engine_prompt_tokens": prompt_tokens_decoded(engine.evaluated - evaluated0, done),
+        "engine_prompt_tokens": prompt_tokens_decoded(probe.evaluated - evaluated0, done),
         "prefix_hits": stats.prefix_hits - stats0.prefix_hits,
         "prefix_tokens_reused": stats.prefix_tokens_reused - stats0.prefix_tokens_reused,
         "ttft": [r.ttft for r in done],
@@ -450,7 +442,7 @@ def run_single(args: argparse.Namespace) -> dict[str, Any]:
     shared = seqlease.Context(args.model, sequences=2, n_ctx=N_CTX)
     cold = seqlease.Context(args.model, sequences=2, n_ctx=N_CTX, prefix_cache=False)
     try:
-        model = shared._backend.model
+        model = shared.model
         chat_len = 0
         for ctx in (shared, cold):
             warm_up(ctx)
@@ -475,7 +467,7 @@ def run_single(args: argparse.Namespace) -> dict[str, Any]:
                 step()
         chat_len = out["cold"][0]["n_prompt"]
         return {
-            "system_tokens": len(model.tokenize(SYSTEM_PROMPT, add_special=False)),
+            "system_tokens": len(model.tokenize(SYSTEM_PROMPT, add_bos=False)),
             "chat_prompt_tokens": chat_len,
             **out,
         }
@@ -486,20 +478,13 @@ def run_single(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_child(args: argparse.Namespace, *extra: str, policy: str | None) -> dict[str, Any]:
     """This script in a fresh process; ``policy=None`` leaves OpenMP's default wait policy."""
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--model",
-        args.model,
-        "--requests",
-        str(args.requests),
-        "--concurrency",
-        str(args.concurrency),
-        "--single-repeats",
-        str(args.single_repeats),
+    return child_json(
+        __file__,
+        *("--model", args.model, "--requests", str(args.requests)),
+        *("--concurrency", str(args.concurrency), "--single-repeats", str(args.single_repeats)),
         *extra,
-    ]
-    return child_json(command, wait_policy=policy)
+        wait_policy=policy,
+    )
 
 
 # -- summary --------------------------------------------------------------------------------
@@ -536,8 +521,8 @@ def span(values: list[int]) -> str:
 def ratio_text(values: list[float]) -> str:
     med = statistics.median(values)
     if len(values) == 1:
-        return f"{med:.2f}x"
-    return f"{med:.2f}x (runs: {', '.join(f'{v:.2f}' for v in values)})"
+        return as_ratio(med)
+    return f"{as_ratio(med)} (runs: {', '.join(f'{v:.2f}' for v in values)})"
 
 
 HEADER = [
@@ -677,9 +662,9 @@ def notes(
     out.append(
         f"One lease, {single['system_tokens']:,}-token system prompt: cold / warm time to "
         f"first token = "
-        f"{cold_warm:.1f}x (median of {args.single_repeats} interleaved requests each; "
-        f"{verdict} the {TTFT_GOAL:.0f}x goal); a system prompt the context never saw / warm = "
-        f"{new_warm:.1f}x."
+        f"{as_ratio(cold_warm, 1)} (median of {args.single_repeats} interleaved requests each; "
+        f"{verdict} the {as_ratio(TTFT_GOAL, 0)} goal); a system prompt the context never saw / "
+        f"warm = {as_ratio(new_warm, 1)}."
     )
     for base in [p for p in runs if p != "shared"]:
         r = pair_ratios(runs, base)
@@ -730,7 +715,7 @@ def notes(
     return out
 
 
-def write_page(
+def render_page(
     args: argparse.Namespace,
     command: str,
     single: dict[str, Any],
@@ -869,11 +854,7 @@ def main() -> None:
     if args.concurrency > len(QUESTIONS) or args.requests > len(QUESTIONS):
         parser.error(f"at most {len(QUESTIONS)} requests and concurrency (distinct questions)")
     args.paths = ["shared", "cold"] + (["unified"] if args.unified else [])
-    shown = [a for a in sys.argv[1:] if a != "--no-write"]
-    if "--_page-to" in shown:  # a test render: not part of the command to reproduce
-        at = shown.index("--_page-to")
-        del shown[at : at + 2]
-    command = " ".join(["python", "benchmarks/long_prompt.py", *shown])
+    command = rerun_command(__file__, drop=("--_page-to",))  # a test render's target: not in it
     started = time.perf_counter()
     inherited = os.environ.get("OMP_WAIT_POLICY")
     print(
@@ -892,8 +873,8 @@ def main() -> None:
     print_table(SINGLE_HEADER, single_rows(single))
     cold_warm, new_warm = single_ratios(single)
     print(
-        f"  cold / warm TTFT {cold_warm:.1f}x (goal >= {TTFT_GOAL:.0f}x), "
-        f"new / warm {new_warm:.1f}x"
+        f"  cold / warm TTFT {as_ratio(cold_warm, 1)} (goal >= {as_ratio(TTFT_GOAL, 0)}), "
+        f"new / warm {as_ratio(new_warm, 1)}"
     )
 
     policies: list[tuple[str, str | None]] = [("default", None)]
@@ -943,16 +924,8 @@ def main() -> None:
     print()
     for line in lines:
         print(f"- {line}")
-    page = write_page(
-        args, command, single, all_runs["default"], tables, bursts, lines
-    )  # rendered either way
-    target = Path(args._page_to) if args._page_to else None if args.no_write else PAGE
-    if target is not None:
-        target.parent.mkdir(exist_ok=True)
-        target.write_text(page)
-        print(f"wrote {target}")
-    else:
-        print(f"page rendered ({len(page):,} characters), not written (--no-write)")
+    page = render_page(args, command, single, all_runs["default"], tables, bursts, lines)
+    write_page(Path(args._page_to) if args._page_to else None if args.no_write else PAGE, page)
     print(f"total {time.perf_counter() - started:.0f} s")
 
 

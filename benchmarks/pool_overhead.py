@@ -8,18 +8,22 @@ run, so the ratio means something on a noisy machine.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import threading
 import time
+from collections.abc import Callable
 
 import seqlease
+from seqlease.native.library import load_library
+from seqlease.native.memory import resolve_memory_api
 
 
-def _median_ns(step, rounds: int) -> float:
+def _median_ns(step: Callable[[], int], rounds: int) -> float:
     samples = []
     for _ in range(rounds):
         samples.append(step())
-    return statistics.median(samples)
+    return float(statistics.median(samples))
 
 
 def main() -> None:
@@ -40,8 +44,12 @@ def main() -> None:
     # One llama.cpp thread: with more, its workers spin after each decode and, on a 2-core
     # machine, their spinning would be timed as the pool's cost.
     with seqlease.Context(args.model, sequences=args.sequences, n_ctx=256, n_threads=1) as ctx:
-        engine = ctx._backend.engine  # the benchmark decodes directly, as no app can
-        native = engine._native
+        # The floor calls llama.cpp itself: the functions seqlease resolved for this binding.
+        lib = load_library()
+        memory, _ = resolve_memory_api(lib)
+        assert memory is not None
+        tokens = [100 + i for i in range(8)]
+        token_array = (ctypes.c_int32 * len(tokens))(*tokens)
 
         def lease_cycle() -> int:
             t0 = time.perf_counter_ns()
@@ -60,18 +68,22 @@ def main() -> None:
             t0 = time.perf_counter_ns()
             seq = ctx.acquire()
             t1 = time.perf_counter_ns()
-            with engine._guard:
-                native.decode([(100 + i, i, seq.id, False) for i in range(8)])
+            ctx.probe.append(seq.id, tokens)  # positions 0-7, recorded as the engine's own
             t2 = time.perf_counter_ns()
             seq.release()
             return (t1 - t0) + (time.perf_counter_ns() - t2)
 
         def native_clear() -> int:
-            # The same decode-then-clear as above, calling llama.cpp directly: the floor.
-            native.decode([(100 + i, i, 0, False) for i in range(8)])
-            t0 = time.perf_counter_ns()
-            native.seq_rm(0)
-            return time.perf_counter_ns() - t0
+            # The same decode-then-clear as above, calling llama.cpp directly: the floor. The
+            # engine is held meanwhile; sequence 0 is idle and ends empty, as seqlease recorded.
+            with ctx.probe.paused():
+                native = ctx.probe.context_ptr()
+                batch = lib.llama_batch_get_one(token_array, len(tokens))  # sequence 0, 0-7
+                if lib.llama_decode(native, batch) != 0:
+                    raise RuntimeError("llama_decode failed")
+                t0 = time.perf_counter_ns()
+                memory.seq_rm(native, 0, -1, -1)
+                return time.perf_counter_ns() - t0
 
         slow_rounds = max(200, args.rounds // 40)
         for step in (lock_cycle, lease_cycle, with_cycle):  # warm up

@@ -61,12 +61,22 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from report import CpuMeter, machine, markdown_table, print_table
+from report import (
+    DOCS,
+    CpuMeter,
+    as_ratio,
+    child_env,
+    machine,
+    markdown_table,
+    never_end,
+    print_table,
+    rerun_command,
+    write_page,
+)
 
 import seqlease
 
-ROOT = Path(__file__).resolve().parent.parent
-PAGE = ROOT / "docs" / "benchmarks-serving.md"
+PAGE = DOCS / "benchmarks-serving.md"
 
 N_CTX = 2048
 SEQUENCES = 8
@@ -114,32 +124,11 @@ def message(i: int) -> str:
     return f"Tell me about {topic}." if lap == 0 else f"Tell me more about {topic} ({lap + 1})."
 
 
-@contextlib.contextmanager
-def quiet_stderr() -> Iterator[None]:
-    """Send file descriptor 2 (where llama.cpp logs) to /dev/null for a while."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def eog_tokens(model: Path) -> list[int]:
     """Every end-of-generation token of the model's vocabulary (banned in every request)."""
-    import llama_cpp
-
-    with quiet_stderr():  # llama.cpp logs a context warning even with verbose=False
-        llm = llama_cpp.Llama(str(model), vocab_only=True, verbose=False)
-    ids = {llm.token_eos(), *llm.tokenize(b"<|im_end|>", add_bos=False, special=True)}
-    is_eog = getattr(llama_cpp, "llama_vocab_is_eog", None)
-    if is_eog is not None:  # the vocabulary's own list: SmolLM2 has three
-        vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        ids |= {t for t in range(llm.n_vocab()) if is_eog(vocab, t)}
-    return sorted(ids)
+    # A small context, closed before any server starts: only its vocabulary is read.
+    with seqlease.Context(model, sequences=1, n_ctx=256) as ctx:
+        return sorted(never_end(ctx))
 
 
 # -- the servers ----------------------------------------------------------------------------
@@ -200,10 +189,9 @@ class Server:
 @contextlib.contextmanager
 def running(arm: str, cmd: list[str], port: int, logdir: Path) -> Iterator[Server]:
     """Start ``cmd``, wait until ``GET /v1/models`` answers, stop it on the way out."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     log = logdir / f"{arm}-{port}.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env(None))
     server = Server(arm, proc, f"http://127.0.0.1:{port}", log)
     try:
         started = time.perf_counter()
@@ -429,10 +417,10 @@ def rows(rounds: list[dict[str, Any]], arms: list[str]) -> list[list[str]]:
     for arm in arms:
         for n in CLIENTS:
             if both and arm == "seqlease":
-                tput = f"**{ratio(rounds, n, 'tok_s'):.2f}x**"
-                ttft = f"{ratio(rounds, n, 'ttft_median'):.2f}x"
+                tput = f"**{as_ratio(ratio(rounds, n, 'tok_s'))}**"
+                ttft = as_ratio(ratio(rounds, n, "ttft_median"))
             else:
-                tput = ttft = "1.00x" if both else "-"
+                tput = ttft = as_ratio(1.0) if both else "-"
             out.append(
                 [
                     LABELS[arm],
@@ -454,14 +442,14 @@ def findings(rounds: list[dict[str, Any]], args: argparse.Namespace) -> list[str
     per_round = [r["seqlease"]["8"]["tok_s"] / r["llama_cpp"]["8"]["tok_s"] for r in rounds]
     at8 = statistics.median(per_round)
     lines.append(
-        f"Throughput at 8 clients, seqlease / llama_cpp.server: {at8:.2f}x"
+        f"Throughput at 8 clients, seqlease / llama_cpp.server: {as_ratio(at8)}"
         + (f" (rounds: {', '.join(f'{v:.2f}' for v in per_round)})" if len(rounds) > 1 else "")
-        + f"; {'meets' if at8 >= GOAL else 'misses'} the goal of {GOAL:.0f}x."
+        + f"; {'meets' if at8 >= GOAL else 'misses'} the goal of {as_ratio(GOAL, 0)}."
     )
     lines.append(
-        f"Throughput at 1 client: {ratio(rounds, 1, 'tok_s'):.2f}x; TTFT median, seqlease / "
-        f"llama_cpp.server: {ratio(rounds, 1, 'ttft_median'):.2f}x at 1 client, "
-        f"{ratio(rounds, 8, 'ttft_median'):.2f}x at 8 (below 1: seqlease answers sooner)."
+        f"Throughput at 1 client: {as_ratio(ratio(rounds, 1, 'tok_s'))}; TTFT median, seqlease "
+        f"/ llama_cpp.server: {as_ratio(ratio(rounds, 1, 'ttft_median'))} at 1 client, "
+        f"{as_ratio(ratio(rounds, 8, 'ttft_median'))} at 8 (below 1: seqlease answers sooner)."
     )
     for arm in ARMS:
         sent = all(r[arm][str(n)]["usage_sent"] for r in rounds for n in CLIENTS)
@@ -496,16 +484,15 @@ def section(threads: int, rounds: list[dict[str, Any]], args: argparse.Namespace
     return f"### {title}\n\n{markdown_table(HEADER, rows(rounds, list(ARMS)))}\n\n{lines}\n"
 
 
-def write_page(
+def render_page(
     sections: list[tuple[int, list[dict[str, Any]]]], args: argparse.Namespace, command: str
-) -> None:
+) -> str:
     m = machine()
     model = Path(args.model)
     commands = {arm: shown(server_command(arm, "M", "T", "P")) for arm in ARMS}
     counts = ", ".join(str(threads) for threads, _ in sections)
     results = "\n".join(section(threads, rounds, args) for threads, rounds in sections)
-    PAGE.write_text(
-        f"""# Benchmarks: serving over HTTP
+    return f"""# Benchmarks: serving over HTTP
 
 Generated by `{command}` on {datetime.date.today().isoformat()}; rerun it to refresh this page.
 
@@ -547,7 +534,7 @@ The first table is the headline: both servers' default thread count on this mach
 the cores). The second gives both every core.
 
 {results}
-The goal was at least {GOAL:.0f}x llama_cpp.server's throughput at 8 clients.
+The goal was at least {as_ratio(GOAL, 0)} llama_cpp.server's throughput at 8 clients.
 
 ## Reproduce
 
@@ -562,8 +549,6 @@ writing this page.
 Machine: {m["cpu"]}, {m["ram"]} RAM, {m["os"]}; Python {m["python"]}, llama-cpp-python
 {m["llama-cpp-python"]}, seqlease {m["seqlease"]}; model `{model.name}`.
 """
-    )
-    print(f"wrote {PAGE.relative_to(ROOT)}")
 
 
 def main() -> None:
@@ -606,9 +591,9 @@ def main() -> None:
         if len(arms) == 2:
             for line in findings(rounds, args):
                 print(f"- {line}")
-    if len(arms) == 2 and not args.no_write:
-        flags = [a for a in sys.argv[1:] if a != "--no-write"]
-        write_page(sections, args, " ".join(["python", "benchmarks/serve.py", *flags]))
+    if len(arms) == 2:
+        page = render_page(sections, args, rerun_command(__file__))
+        write_page(None if args.no_write else PAGE, page)
     print(f"total {time.perf_counter() - started:.0f} s")
 
 

@@ -38,7 +38,6 @@ import datetime
 import inspect
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict, cast
 
-from report import CpuMeter, child_json, machine, markdown_table, print_table
+from report import (
+    DOCS,
+    ROOT,
+    CpuMeter,
+    as_ratio,
+    child_json,
+    machine,
+    markdown_table,
+    peak_rss_mb,
+    print_table,
+    rerun_command,
+    write_page,
+)
 
 import seqlease
 from seqlease.context import default_threads
@@ -56,8 +67,8 @@ from seqlease.engine.prefixes import MIN_SHARED
 from seqlease.native.library import load_library
 from seqlease.native.names import set_flash_attention
 
-ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs"
+PAGE = DOCS / "benchmarks.md"
+PLOT = DOCS / "throughput.png"
 
 # Sampling shared by every path. top_p=1 and min_p=0 switch those samplers off, so all three
 # chains reduce to top-k -> temperature -> seeded draw (Llama also adds no-op typical/penalties).
@@ -369,7 +380,7 @@ def measure_memory(kind: str, model: str, n_ctx: int, n_threads: int) -> dict[st
             keep.append(path)
             path.one(prompt, 8, seed=i)
     # "python": imports only, the floor both variants start from.
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak_mb = peak_rss_mb()
     # RSS counts a file page once per mapping: 8 Llama objects map the same GGUF 8 times. PSS
     # splits shared pages between their mappings, so it shows what the machine really spends.
     pss_mb = float("nan")
@@ -387,9 +398,13 @@ def run_child(
     args: argparse.Namespace, *extra: str, wait_policy: str | None = None, echo: bool = False
 ) -> dict[str, Any]:
     """Run this script in a fresh process; ``wait_policy=None`` leaves OpenMP's default."""
-    cmd = [sys.executable, __file__, "--model", args.model, "--n-ctx", str(args.n_ctx)]
-    cmd += ["--threads", str(args.threads), *extra]
-    return child_json(cmd, wait_policy=wait_policy, echo=echo)
+    return child_json(
+        __file__,
+        *("--model", args.model, "--n-ctx", str(args.n_ctx), "--threads", str(args.threads)),
+        *extra,
+        wait_policy=wait_policy,
+        echo=echo,
+    )
 
 
 # What the probe and memory children answered: {variant: {measure: value}}.
@@ -628,10 +643,10 @@ def table_rows(s: Sweep, tokens: int) -> list[list[str]]:
                 f"{a.tok_s:.1f}",
                 f"{r.tok_s:.1f}",
                 f"{z.tok_s:.1f}",
-                f"{a.tok_s / r.tok_s:.2f}x",
-                f"{med:.2f}x",
-                f"{a.tok_s / z.tok_s:.2f}x",
-                f"{med_serial:.2f}x",
+                as_ratio(a.tok_s / r.tok_s),
+                as_ratio(med),
+                as_ratio(a.tok_s / z.tok_s),
+                as_ratio(med_serial),
                 "all" if not short else "short: " + ", ".join(short),
             ]
         )
@@ -672,7 +687,7 @@ def side_by_side(tables: list[Table]) -> tuple[list[str], list[list[str]]]:
         for against in ("raw", "serial"):
             for t in tables:
                 got = ratio(t.sweep, against, c)
-                row.append("-" if got is None else f"{got:.2f}x")
+                row.append("-" if got is None else as_ratio(got))
         rows.append(row)
     return header, rows
 
@@ -684,7 +699,7 @@ def target_rows(tables: list[Table]) -> list[list[str]]:
         for t in tables:
             got = ratio(t.sweep, against, c)
             row.append(
-                "-" if got is None else f"{got:.2f}x " + ("met" if got >= goal else "**missed**")
+                "-" if got is None else as_ratio(got) + (" met" if got >= goal else " **missed**")
             )
         rows.append(row)
     return rows
@@ -701,9 +716,9 @@ def interpretation(
     def gain(t: Table) -> float:
         return t.sweep.best(t.sweep.raw, hi).tok_s / t.sweep.best(t.sweep.raw, lo).tok_s
 
-    others = ", ".join(f"{gain(t):.2f}x in the {t.setting.key} table" for t in tables[1:])
+    others = ", ".join(f"{as_ratio(gain(t))} in the {t.setting.key} table" for t in tables[1:])
     notes.append(
-        f"llama.cpp itself gains {gain(head):.2f}x from decoding {hi} sequences per step "
+        f"llama.cpp itself gains {as_ratio(gain(head))} from decoding {hi} sequences per step "
         f"instead of {lo} with {threads_text(head.threads)} and OpenMP's default wait policy (raw "
         f"column of the first table; {others}), where llama-facts lists 2x (180 -> 360 tok/s "
         "from 1 to 16 sequences, conditions not recorded). That gain is the ceiling for any "
@@ -714,7 +729,7 @@ def interpretation(
         (t, got) for t in tables if (got := ratio(t.sweep, "raw", 8)) is not None and got < 0.9
     ]
     if missed:
-        which = ", ".join(f"{got:.2f}x in the {t.setting.key} table" for t, got in missed)
+        which = ", ".join(f"{as_ratio(got)} in the {t.setting.key} table" for t, got in missed)
         notes.append(
             f"seqlease reaches {which} of the raw loop at 8 callers: target missed. It "
             "runs the same decode and the same native sampler chain, and when this benchmark "
@@ -741,13 +756,14 @@ def interpretation(
             )
             notes.append(
                 f"{t.setting.key.capitalize()} table: seqlease / serial at 8 callers is "
-                f"{vs_serial:.2f}x, the 1.8x target is missed. The raw batch loop itself reaches "
-                f"{raw8:.2f}x over serial, so {why}."
+                f"{as_ratio(vs_serial)}, the 1.8x target is missed. The raw batch loop itself "
+                f"reaches {as_ratio(raw8)} over serial, so {why}."
             )
     ones = [(t, got) for t in tables if (got := ratio(t.sweep, "serial", 1)) is not None]
     if ones:
         each = ", ".join(
-            f"{got:.2f}x ({t.setting.key}: {'meets' if got >= 0.95 else 'misses'} the 0.95x target)"
+            f"{as_ratio(got)} ({t.setting.key}: {'meets' if got >= 0.95 else 'misses'} the 0.95x "
+            "target)"
             for t, got in ones
         )
         notes.append(
@@ -776,7 +792,7 @@ def interpretation(
     notes.append(
         f"Memory for 8 sequences of {args.n_ctx} tokens: one Context peaks at "
         f"{seq_mem['peak_rss_mb']:.0f} MB RSS, 8 Llama objects at "
-        f"{llama_mem['peak_rss_mb']:.0f} MB ({times:.1f}x). "
+        f"{llama_mem['peak_rss_mb']:.0f} MB ({as_ratio(times, 1)}). "
         "RSS counts the memory-mapped GGUF once per Llama, although the 8 mappings share "
         "physical pages; PSS counts those once and still gives "
         f"{seq_mem['pss_mb']:.0f} MB against {llama_mem['pss_mb']:.0f} MB: each Llama has its "
@@ -996,7 +1012,7 @@ def main() -> None:
         print(json.dumps(measure_table(args, args._table)))
         return
 
-    command = " ".join(["python", "benchmarks/throughput.py", *sys.argv[1:]])
+    command = rerun_command(__file__)
     started = time.perf_counter()
     inherited = os.environ.get("OMP_WAIT_POLICY")
     print(
@@ -1006,8 +1022,9 @@ def main() -> None:
         + f"), tuned ({args.threads} threads, OMP_WAIT_POLICY=PASSIVE, n_ctx {args.n_ctx})"
     )
 
-    # Memory first: Linux carries a process's peak RSS over into the program it execs, so a
-    # child started after this process has loaded a model would report our peak, not its.
+    # Memory first: where peak_rss_mb() has no VmHWM and falls back to ru_maxrss, Linux carries
+    # a process's peak over into the program it execs, and a child started after this process
+    # has loaded a model would report our peak, not its.
     print("memory ...", flush=True)
     memory = {kind: run_child(args, "--_memory", kind) for kind in ("python", "seqlease", "llama")}
     print(f"  {memory}")
@@ -1049,11 +1066,11 @@ def main() -> None:
     for note in interpretation(tables, probe, memory, args):
         print(f"- {note}")
     if not args.no_write:
-        DOCS.mkdir(exist_ok=True)
-        plot(tables, DOCS / "throughput.png", args)
-        md = write_markdown(args, tables, probe, memory, command)
-        (DOCS / "benchmarks.md").write_text(md)
-        print(f"wrote {DOCS / 'benchmarks.md'} and {DOCS / 'throughput.png'}")
+        PLOT.parent.mkdir(exist_ok=True)
+        plot(tables, PLOT, args)
+        print(f"wrote {PLOT.relative_to(ROOT)}")
+    page = write_markdown(args, tables, probe, memory, command)
+    write_page(None if args.no_write else PAGE, page)
     print(f"total {time.perf_counter() - started:.0f} s")
 
 
