@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -128,7 +129,7 @@ def _fault_when_detokenizing(mp: pytest.MonkeyPatch, ctx: seqlease.Context) -> N
     real = TextAssembler.feed
 
     def feed(self: TextAssembler, piece: bytes) -> str:
-        if FAULT_STOP in self._stop:
+        if FAULT_STOP in self.stops:
             raise UnicodeError("injected: text assembly failed")
         return real(self, piece)
 
@@ -136,14 +137,14 @@ def _fault_when_detokenizing(mp: pytest.MonkeyPatch, ctx: seqlease.Context) -> N
 
 
 def _fault_when_delivering(mp: pytest.MonkeyPatch, ctx: seqlease.Context) -> None:
-    real = ReplyWriter._say
+    real = ReplyWriter.add_token
 
-    def say(self: ReplyWriter, text: str) -> None:
+    def add_token(self: ReplyWriter, *args: Any, **kwargs: Any) -> Any:
         if _is_faulty(self) and self.n_generated >= 2:
             raise BrokenPipeError("injected: delivering text failed")
-        real(self, text)
+        return real(self, *args, **kwargs)
 
-    mp.setattr(ReplyWriter, "_say", say)
+    mp.setattr(ReplyWriter, "add_token", add_token)
 
 
 STAGES: dict[str, Callable[[pytest.MonkeyPatch, seqlease.Context], None]] = {

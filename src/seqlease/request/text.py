@@ -61,6 +61,11 @@ class TextAssembler:
         #: Whether a stop string was found.
         self.stopped = False
 
+    @property
+    def stops(self) -> tuple[str, ...]:
+        """The stop strings this reply ends at (never delivered)."""
+        return self._stop
+
     def feed(self, piece: bytes) -> str:
         """Add one token's bytes; return the text that is now safe to show."""
         self._pending += self._decoder.decode(piece)
