@@ -24,6 +24,7 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 from test_compat_smoke import supported_from, version_tuple  # this script's own folder
@@ -80,9 +81,11 @@ def install(release: str) -> tuple[Path, float]:
     env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)}
     env.setdefault("CMAKE_ARGS", "-DLLAVA_BUILD=OFF")
     pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    # seqlease's own requirements but the binding (its extras carry an "extra ==" marker).
+    ours = [r for r in metadata.requires("seqlease") or [] if "extra" not in r and "llama" not in r]
     for args in (
-        [f"llama-cpp-python=={release}", "pytest"],
-        ["--no-deps", "-e", str(ROOT)],  # the binding's own deps already include ours
+        [f"llama-cpp-python=={release}", "pytest", *ours],
+        ["--no-deps", "-e", str(ROOT)],  # the release asked for, not the newest binding
     ):
         done = run(pip + args, env)
         if done.returncode:
@@ -191,10 +194,9 @@ takes no such keyword) and `n_gpu_layers` on a CPU-only build, each a
 `load_mode` (newer releases, 0.3.36 among them).
 
 The structured-output rows run a JSON schema, a grammar, bad grammars (refused at the call),
-a grammar that allows no token (fails its reply, never aborts), logprobs and a logit bias.
-Grammars need 0.3.9 or later: 0.3.8's llama.cpp turns a grammar it cannot parse into one that
-constrains nothing, so seqlease refuses grammars there with `GrammarError` (checked in the same
-rows), and 0.2.90 has no grammar sampler; logprobs and logit bias work on every release.
+a grammar no text completes (fails its reply, never aborts), logprobs and a logit bias.
+Grammars and JSON Schemas run on llguidance, which masks the logits in Python, so they work
+on every release (checked in the same rows), as do logprobs and logit bias.
 
 The persistence rows save a chat (`llama_state_seq_get_data`), refuse a truncated state, resume
 the chat and check that its next greedy reply is the uninterrupted one, evaluating only its own

@@ -96,10 +96,10 @@ def _fault_when_starting(mp: pytest.MonkeyPatch, ctx: seqlease.Context) -> None:
 def _fault_building_the_sampler(mp: pytest.MonkeyPatch, ctx: seqlease.Context) -> None:
     real = sampling.build_sampler
 
-    def build(lib, native, params):  # type: ignore[no-untyped-def]
+    def build(lib, native, params, grammar=None):  # type: ignore[no-untyped-def]
         if params.seed == FAULT_SEED:
             raise MemoryError("injected: sampler chain could not be built")
-        return real(lib, native, params)
+        return real(lib, native, params, grammar)
 
     mp.setattr(sampling, "build_sampler", build)
 
@@ -116,8 +116,8 @@ def _fault_when_sampling(mp: pytest.MonkeyPatch, ctx: seqlease.Context) -> None:
                 raise RuntimeError("injected: sampling failed")
             return super().sample(row)
 
-    def build(lib, native, params):  # type: ignore[no-untyped-def]
-        chain = real(lib, native, params)
+    def build(lib, native, params, grammar=None):  # type: ignore[no-untyped-def]
+        chain = real(lib, native, params, grammar)
         if params.seed == FAULT_SEED:
             chain.__class__ = Faulty
         return chain

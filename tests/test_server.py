@@ -690,3 +690,45 @@ def test_shutting_down_waits_close_timeout_for_a_lease_of_the_loops_own_tasks():
     assert closed >= released[0]  # the close waited for the lease...
     assert freed_at_close  # ...and freed the model once it came back
     assert ctx.stats().leased == 0
+
+
+def test_hostile_response_formats_get_a_reply_or_a_400_and_the_server_serves_on(server, client):
+    from test_hostile_grammars import HOSTILE
+
+    # Deep nesting is more than the openai client itself can encode: sent as raw JSON below.
+    schemas = {
+        name: kw["json_schema"]
+        for name, kw in HOSTILE.items()
+        if "json_schema" in kw and "nested" not in name.split()[:2]
+    }
+    outcomes = {}
+    for name, schema in schemas.items():
+        fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+        try:
+            reply = _chat(client, "Answer:", max_tokens=8, response_format=fmt)
+            outcomes[name] = reply.choices[0].finish_reason
+        except openai.BadRequestError as exc:
+            outcomes[name] = exc.body["message"]
+        started = time.monotonic()
+        assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+        assert time.monotonic() - started < 1.0
+    refused = {name: said for name, said in outcomes.items() if said not in ("length", "stop")}
+    assert all("json_schema" in str(said) for said in refused.values()), refused
+    deep = {
+        "model": "seqlease",
+        "messages": [{"role": "user", "content": "Answer:"}],
+        "max_tokens": 8,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "x", "schema": HOSTILE["array nested 950 deep"]["json_schema"]},
+        },
+    }
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=json.dumps(deep),
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert "nests too deeply" in _error(r, 400)["message"]
+    assert outcomes["maxLength 30000"] in ("length", "stop")
+    assert server.proc.poll() is None, server.output()

@@ -13,7 +13,6 @@ from typing import Any, Literal
 
 from seqlease.native import names
 from seqlease.native.devices import list_devices
-from seqlease.native.grammar import grammars_unsupported
 from seqlease.native.library import binding_version, load_library
 from seqlease.native.memory import MemoryApiName, resolve_memory_api
 from seqlease.native.params import llama_unhonoured, unhonoured
@@ -101,12 +100,9 @@ def detect_from(lib: Any, llama_class: Any, version: str | None) -> Capabilities
     reasons.append(
         f"recommended backend: {backend}" if backend else "no backend can run on this binding"
     )
-    no_grammars = grammars_unsupported(lib, version)
-    reasons.append(
-        "grammars and JSON schemas: llama.cpp's grammar sampler"
-        if no_grammars is None
-        else f"grammars and JSON schemas unavailable: {no_grammars}"
-    )
+    # llguidance masks the logits in Python on every binding: nothing of llama.cpp's own
+    # grammar sampler (which crashed or constrained nothing on some releases) is used.
+    reasons.append("grammars and JSON schemas: llguidance, on every binding")
     state_missing = names.missing(lib, names.STATE_NEEDS)
     saved_state = session and not state_missing
     reasons.append(
@@ -145,7 +141,7 @@ def detect_from(lib: Any, llama_class: Any, version: str | None) -> Capabilities
         system_info=system_info,
         gpu_offload="n_gpu_layers" not in refused,
         unhonoured=tuple(f"{', '.join(options)}: {why}" for why, options in by_reason.items()),
-        grammars=no_grammars is None,
+        grammars=True,
         saved_state=saved_state,
         context_shift=context_shift,
     )

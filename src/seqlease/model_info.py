@@ -6,6 +6,7 @@ import functools
 from pathlib import Path
 from typing import Protocol
 
+from seqlease.native.guidance import Constraint, gbnf_grammar
 from seqlease.persist.fingerprint import model_fingerprint
 
 __all__ = ["ModelInfo"]
@@ -30,7 +31,7 @@ class _Native(Protocol):
 
     def is_eog(self, token: int) -> bool: ...
 
-    def check_grammar(self, text: str) -> None: ...
+    def constraint(self, grammar: str) -> Constraint: ...
 
     def chat_template(self) -> str | None: ...
 
@@ -86,7 +87,19 @@ class ModelInfo:
 
     def check_grammar(self, text: str) -> None:
         """Raise :class:`~seqlease.GrammarError` unless the GBNF ``text`` compiles here."""
-        self._native.check_grammar(text)
+        self._native.constraint(gbnf_grammar(text))
+
+    def constraint(self, grammar: str) -> Constraint:
+        """A new grammar state for one reply, from ``SamplingParams.grammar``.
+
+        Compiled once per model and grammar, then copied: what every generating call does
+        with ``grammar=`` or ``json_schema=`` before anything is queued.
+
+        Raises:
+            GrammarError: the grammar cannot be compiled for this vocabulary.
+
+        """
+        return self._native.constraint(grammar)
 
     def __repr__(self) -> str:
         return f"<seqlease.ModelInfo {self.path.name} n_vocab={self.n_vocab}>"

@@ -13,6 +13,7 @@ from typing_extensions import Unpack
 
 from seqlease.checks import check_callable, check_timeout, describe
 from seqlease.errors import BackendUnavailableError, SequenceReleasedError, StateError
+from seqlease.native.guidance import Constraint
 from seqlease.native.library import binding_version
 from seqlease.persist.sequence_state import SequenceState
 from seqlease.request.job import Channel, Request
@@ -155,8 +156,8 @@ class Sequence:
         abort: threading.Event | None = None,
     ) -> Generation:
         """:meth:`generate` with ready-made :class:`SamplingParams`."""
-        tokens = self._check_request(prompt, params, abort)
-        return Generation(self.id, lambda channel: self._start(tokens, params, abort, channel))
+        checked = self._check_request(prompt, params, abort)
+        return Generation(self.id, lambda channel: self._start(checked, params, abort, channel))
 
     def agenerate(
         self,
@@ -180,11 +181,19 @@ class Sequence:
         abort: threading.Event | None = None,
     ) -> AsyncGeneration:
         """:meth:`agenerate` with ready-made :class:`SamplingParams`."""
-        tokens = self._check_request(prompt, params, abort)
-        return AsyncGeneration(self.id, lambda channel: self._start(tokens, params, abort, channel))
+        checked = self._check_request(prompt, params, abort)
+        return AsyncGeneration(
+            self.id, lambda channel: self._start(checked, params, abort, channel)
+        )
 
-    def _check_request(self, prompt: object, params: object, abort: object) -> list[int]:
-        """Everything about a request that can be wrong, checked before anything is queued."""
+    def _check_request(
+        self, prompt: object, params: object, abort: object
+    ) -> tuple[list[int], Constraint | None]:
+        """Everything about a request that can be wrong, checked before anything is queued.
+
+        Also compiles the reply's grammar here, on the caller's thread: the engine thread,
+        which every lease shares, never waits for a compile.
+        """
         self.check()
         if not isinstance(params, SamplingParams):
             raise TypeError(
@@ -194,18 +203,18 @@ class Sequence:
             check_callable("abort", abort, "is_set")
         model = self._backend.model_info
         tokens = prompt_tokens(prompt, model)
-        check_for_model(model, params.grammar, params.logit_bias)
-        return tokens
+        return tokens, check_for_model(model, params)
 
     def _start(
         self,
-        tokens: list[int],
+        checked: tuple[list[int], Constraint | None],
         params: SamplingParams,
         abort: threading.Event | None,
         channel: Channel,
     ) -> Request:
         self.check()
-        return self._backend.generate(self._slot.seq_id, tokens, params, abort, channel)
+        tokens, constraint = checked
+        return self._backend.generate(self._slot.seq_id, tokens, params, abort, channel, constraint)
 
     def fork(self, timeout: float | None = None) -> Sequence:
         """Lease another sequence holding a copy of this one's memory now.

@@ -163,7 +163,8 @@ class Samplers:
         self.refuse: set[int] = set()
         self.fail_at: dict[int, int] = {}
 
-    def __call__(self, params: SamplingParams) -> FakeSampler:
+    def __call__(self, params: SamplingParams, grammar: object = None) -> FakeSampler:
+        # Grammars are llguidance's: tested for real on the model, not simulated here.
         if params.seed in self.refuse:
             raise ValueError("simulated bad sampling setup")
         sampler = FakeSampler(self._seam, params, self.fail_at.get(params.seed))

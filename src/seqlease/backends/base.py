@@ -9,6 +9,7 @@ from typing import Protocol
 from seqlease.backends.probe import Probe
 from seqlease.engine.prefixes import PrefixStats
 from seqlease.model_info import ModelInfo
+from seqlease.native.guidance import Constraint
 from seqlease.pool.slot import Slot
 from seqlease.request.job import AbortFlag, Channel, Request
 from seqlease.request.params import SamplingParams
@@ -44,6 +45,7 @@ class Backend(Protocol):
         params: SamplingParams,
         abort: AbortFlag | None,
         channel: Channel,
+        constraint: Constraint | None = None,
     ) -> Request:
         """Start one generation for ``seq_id``; its text and end go to ``channel``."""
         ...

@@ -38,7 +38,7 @@ from seqlease.errors import (
 )
 from seqlease.model_info import ModelInfo
 from seqlease.model_path import check_model_file
-from seqlease.native.grammar import Grammar
+from seqlease.native.guidance import Constraint
 from seqlease.native.library import load_library
 from seqlease.native.model import NativeModel
 from seqlease.native.params import check_kv_shape, kv_cache_bytes, llama_kwargs
@@ -193,7 +193,7 @@ class CompletionBackend(JobWorker):
         )
 
     def _abandon(self) -> None:
-        """Nothing is held across replies: ``_generate`` frees a reply's grammar itself."""
+        """Nothing native is held across replies (a grammar is llguidance's own memory)."""
 
     def _free(self) -> None:
         self.model.close()
@@ -247,28 +247,24 @@ class CompletionBackend(JobWorker):
         llama.set_seed(seed)
         llama.last_n_tokens_size = p.repeat_last_n
         raw = _RawLogits()
-        # The grammar filters the logits before Llama's sampler sees them and is moved on
-        # here, never inside Llama: see seqlease.native.grammar.
-        grammar = None if p.grammar is None else self.model.grammar(p.grammar)
+        # The grammar (compiled at the call) filters the logits before Llama's sampler sees
+        # them and is moved on here, never inside Llama.
+        grammar = request.constraint
+        tokens = llama.generate(
+            prompt,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            min_p=p.min_p,
+            temp=p.temperature,
+            repeat_penalty=p.repeat_penalty,
+            reset=True,  # keep the common prefix of what Llama holds, evaluate the rest
+            logits_processor=_processors(p, raw, grammar),
+        )
         try:
-            tokens = llama.generate(
-                prompt,
-                top_k=p.top_k,
-                top_p=p.top_p,
-                min_p=p.min_p,
-                temp=p.temperature,
-                repeat_penalty=p.repeat_penalty,
-                reset=True,  # keep the common prefix of what Llama holds, evaluate the rest
-                logits_processor=_processors(p, raw, grammar),
-            )
-            try:
-                return self._follow(request, reply, tokens, room, raw, grammar)
-            finally:
-                # Stops Llama between tokens; its next call reuses whatever prefix matches.
-                tokens.close()
+            return self._follow(request, reply, tokens, room, raw, grammar)
         finally:
-            if grammar is not None:
-                grammar.close()
+            # Stops Llama between tokens; its next call reuses whatever prefix matches.
+            tokens.close()
 
     def _follow(
         self,
@@ -277,7 +273,7 @@ class CompletionBackend(JobWorker):
         tokens: Iterator[int],
         room: int,
         raw: _RawLogits,
-        grammar: Grammar | None,
+        grammar: Constraint | None,
     ) -> FinishReason:
         """Take ``Llama``'s tokens into ``reply`` until one ends it; why it ended."""
         model, p = self.model, request.params
@@ -336,7 +332,7 @@ class _RawLogits:
         return scores
 
 
-def _processors(params: SamplingParams, raw: _RawLogits, grammar: Grammar | None) -> Any:
+def _processors(params: SamplingParams, raw: _RawLogits, grammar: Constraint | None) -> Any:
     """The ``LogitsProcessorList`` for logprobs, logit bias and grammar, or ``None``."""
     from llama_cpp import LogitsProcessorList
 

@@ -9,6 +9,7 @@ import threading
 from seqlease.backends.guard import Guard
 from seqlease.backends.lifetime import NativeLifetime
 from seqlease.errors import InvalidSequenceError, NativeError
+from seqlease.native.guidance import Constraint
 from seqlease.request.job import AbortFlag, Channel, Request
 from seqlease.request.jobs import JobTable
 from seqlease.request.params import SamplingParams
@@ -61,8 +62,11 @@ class JobWorker(abc.ABC):
         params: SamplingParams,
         abort: AbortFlag | None,
         channel: Channel,
+        constraint: Constraint | None = None,
     ) -> Request:
         """Queue one generation for ``seq_id``; its text and end go to ``channel``.
+
+        ``constraint``: the reply's grammar, compiled by the caller (never on this thread).
 
         Raises at once, before anything runs: :class:`InvalidSequenceError` for an id outside
         the pool, :class:`ContextOverflowError` when the prompt leaves no room for a reply,
@@ -75,7 +79,7 @@ class JobWorker(abc.ABC):
                 "from the context instead of making up an id"
             )
         check_prompt(prompt, self.n_ctx)
-        request = Request(seq_id, prompt, params, channel, abort)
+        request = Request(seq_id, prompt, params, channel, abort, constraint)
         self._jobs.submit(request)
         return request
 

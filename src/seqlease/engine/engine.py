@@ -186,7 +186,7 @@ class Engine:
             reply.finish("cancelled")
             return
         try:
-            sampler = self._samplers(request.params)
+            sampler = self._samplers(request.params, request.constraint)
         except Exception as exc:
             self._release(request)
             reply.fail(exc, "starting")

@@ -7,6 +7,7 @@ from types import ModuleType
 
 from seqlease.engine.seam import Samplers
 from seqlease.native.context import NativeContext
+from seqlease.native.guidance import Constraint
 from seqlease.native.sampler import SamplerChain
 from seqlease.request.params import SamplingParams
 
@@ -15,19 +16,24 @@ __all__ = ["build_sampler", "native_samplers"]
 
 def native_samplers(lib: ModuleType, native: NativeContext) -> Samplers:
     """The engine's :data:`Samplers`: llama.cpp sampler chains on ``native``'s logits."""
-    return lambda params: build_sampler(lib, native, params)
+    return lambda params, grammar: build_sampler(lib, native, params, grammar)
 
 
-def build_sampler(lib: ModuleType, native: NativeContext, params: SamplingParams) -> SamplerChain:
+def build_sampler(
+    lib: ModuleType,
+    native: NativeContext,
+    params: SamplingParams,
+    grammar: Constraint | None = None,
+) -> SamplerChain:
     """Logit bias, penalties, top-k, top-p, min-p and temperature, then a seeded draw.
 
-    Greedy at temperature 0. A grammar (already checked at the call) constrains the chain.
+    Greedy at temperature 0. ``grammar`` (compiled at the call) masks what the chain sees.
     """
     model = native.model
     chain = SamplerChain(lib, native)
     try:
-        if params.grammar is not None:
-            chain.constrain(model.grammar(params.grammar))
+        if grammar is not None:
+            chain.constrain(grammar)
         if params.logit_bias:
             chain.logit_bias(model.n_vocab, params.logit_bias)
         # Penalties scan the candidates: after top-k they look at k tokens, not the vocabulary.

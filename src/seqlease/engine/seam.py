@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from seqlease.native.context import BatchEntry
+from seqlease.native.guidance import Constraint
 from seqlease.request.job import Vocabulary
 from seqlease.request.params import SamplingParams
 
@@ -88,5 +89,5 @@ class Sampler(Protocol):
         ...
 
 
-#: Builds a reply's sampler from its parameters (the grammar is already checked).
-Samplers = Callable[[SamplingParams], Sampler]
+#: Builds a reply's sampler from its parameters and its grammar (compiled at the call).
+Samplers = Callable[[SamplingParams, Constraint | None], Sampler]

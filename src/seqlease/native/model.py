@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import os
 import threading
@@ -11,12 +12,15 @@ from typing import Any
 
 from seqlease.errors import ContextClosedError, ModelLoadError
 from seqlease.model_path import check_model_file
-from seqlease.native.grammar import Grammar, check_grammar, grammar_sampler
+from seqlease.native.guidance import Constraint, tokenizer_from
 from seqlease.native.names import bound
 from seqlease.native.params import KvShape, model_params
 from seqlease.options import ModelOptions
 
 __all__ = ["NativeModel"]
+
+#: Compiled grammars kept per model: a server's distinct response formats are few.
+_COMPILED_KEPT = 64
 
 
 class NativeModel:
@@ -78,6 +82,12 @@ class NativeModel:
         self.bos: int = int(bound(lib, "BOS token")(self._vocab))
         self.eos: int = int(bound(lib, "EOS token")(self._vocab))
         self._lock = threading.Lock()
+        # Grammars: llguidance's tokenizer (built once, on first use) and compiled grammars,
+        # each copied per reply; a lock of their own, so that compiling never holds up the
+        # engine's calls on self._lock.
+        self._guidance_lock = threading.Lock()
+        self._guidance_tokenizer: Any = None
+        self._compiled: collections.OrderedDict[str, Constraint] = collections.OrderedDict()
 
     @property
     def ptr(self) -> Any:
@@ -96,7 +106,9 @@ class NativeModel:
         self, text: str, *, add_special: bool = True, parse_special: bool = True
     ) -> list[int]:
         """Tokenize ``text`` (BOS added when the model wants it and ``add_special`` is true)."""
-        data = text.encode("utf-8")
+        return self._tokenize(text.encode("utf-8"), add_special, parse_special)
+
+    def _tokenize(self, data: bytes, add_special: bool, parse_special: bool) -> list[int]:
         with self._lock:
             vocab = self._live_vocab()
             capacity = len(data) + 8
@@ -135,16 +147,36 @@ class NativeModel:
         with self._lock:
             return bool(self._is_eog(self._live_vocab(), token))
 
-    def check_grammar(self, text: str) -> None:
-        """Raise :class:`~seqlease.GrammarError` unless ``text`` compiles for this model."""
-        with self._lock:
-            check_grammar(self._lib, self._live_vocab(), text)
+    def constraint(self, grammar: str) -> Constraint:
+        """A new :class:`Constraint` for one reply on ``grammar`` (llguidance's form).
 
-    def grammar(self, text: str) -> Grammar:
-        """A new :class:`Grammar` for one reply; the caller closes it."""
-        with self._lock:
-            sampler = grammar_sampler(self._lib, self._live_vocab(), text)
-        return Grammar(self._lib, sampler, self.n_vocab)
+        The first call builds llguidance's view of the vocabulary (about 0.2 s); a grammar is
+        compiled once and copied for every later reply (a server sends the same schema again
+        and again).
+
+        Raises:
+            GrammarError: the grammar cannot be compiled for this vocabulary.
+            ContextClosedError: the model has been freed.
+
+        """
+        with self._guidance_lock:
+            compiled = self._compiled.get(grammar)
+            if compiled is not None:
+                self._compiled.move_to_end(grammar)
+                return compiled.copy()
+            if self._guidance_tokenizer is None:
+                self._guidance_tokenizer = tokenizer_from(
+                    self.n_vocab,
+                    lambda token, special: self.token_to_piece(token, special=special),
+                    lambda data: self._tokenize(data, False, False),
+                    (t for t in range(self.n_vocab) if self.is_eog(t)),
+                    self.bos,
+                )
+            compiled = Constraint(self._guidance_tokenizer, grammar, self.n_vocab)
+            self._compiled[grammar] = compiled
+            if len(self._compiled) > _COMPILED_KEPT:
+                self._compiled.popitem(last=False)
+            return compiled.copy()
 
     def is_recurrent(self) -> bool:
         """Whether the model keeps recurrent state (partial KV removal fails on those)."""

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from typing_extensions import Self
 
 from seqlease.errors import SeqleaseError
-from seqlease.native.grammar import Grammar
+from seqlease.native.guidance import Constraint
 
 if TYPE_CHECKING:
     from seqlease.native.context import NativeContext
@@ -22,12 +22,10 @@ class SamplerChain:
 
     Each sequence gets its own chain: the repeat-penalty history, the random state and the
     grammar's position are per sequence. Stage values must already be validated by the caller.
-    The chain owns every stage added to it and its grammar; :meth:`close` frees them all.
+    The chain owns every stage added to it; :meth:`close` frees them all.
 
-    A grammar is kept beside the chain, not in it, as llama.cpp's own ``common_sampler`` does:
-    it checks the chain's pick rather than filtering all candidates first
-    (:meth:`Grammar.pick`), and prompt tokens fed to the repeat penalty (:meth:`accept`) must
-    not reach it.
+    A grammar is kept beside the chain, not in it: it masks the logits before the chain sees
+    them, and prompt tokens fed to the repeat penalty (:meth:`accept`) must not reach it.
     """
 
     def __init__(self, lib: ModuleType, context: NativeContext) -> None:
@@ -38,7 +36,7 @@ class SamplerChain:
         if not chain:
             raise SeqleaseError("llama.cpp could not create a sampler chain")
         self._ptr: Any = chain
-        self._grammar: Grammar | None = None
+        self._grammar: Constraint | None = None
 
     def _add(self, stage: Any) -> Self:
         if not stage:
@@ -55,8 +53,8 @@ class SamplerChain:
         # llama.cpp copies the entries: they need not outlive this call.
         return self._add(lib.llama_sampler_init_logit_bias(n_vocab, len(biases), entries))
 
-    def constrain(self, grammar: Grammar) -> Self:
-        """Only let tokens through that ``grammar`` (now owned by the chain) allows."""
+    def constrain(self, grammar: Constraint) -> Self:
+        """Only let tokens through that ``grammar`` (this reply's own) allows."""
         self._grammar = grammar
         return self
 
@@ -109,8 +107,10 @@ class SamplerChain:
         grammar = self._grammar
         if grammar is None:
             return int(self._lib.llama_sampler_sample(self._ptr, self._context.ptr, row))
-        token = grammar.pick(self._context.logit_row(row), self._ptr)
-        self._lib.llama_sampler_accept(self._ptr, token)
+        # llama_sampler_sample reads the very logits the grammar has just masked.
+        grammar.restrict(self._context.logit_row(row))
+        token = int(self._lib.llama_sampler_sample(self._ptr, self._context.ptr, row))
+        grammar.accept(token)
         return token
 
     def accept(self, token: int) -> None:
@@ -118,10 +118,8 @@ class SamplerChain:
         self._lib.llama_sampler_accept(self._ptr, token)
 
     def close(self) -> None:
-        """Free the chain, every stage in it and the grammar; idempotent."""
+        """Free the chain and every stage in it; idempotent."""
         if self._ptr is not None:
             self._lib.llama_sampler_free(self._ptr)
             self._ptr = None
-        if self._grammar is not None:
-            self._grammar.close()
-            self._grammar = None
+        self._grammar = None

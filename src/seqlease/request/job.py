@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from seqlease.native.guidance import Constraint
 from seqlease.request.logprobs import Pieces, TokenLogprob
 from seqlease.request.params import SamplingParams
 
@@ -171,6 +172,8 @@ class Request:
     channel: Channel
     #: The caller's own stop switch, if any.
     abort: AbortFlag | None = None
+    #: The reply's grammar, compiled at the call from ``params.grammar`` (``None``: none).
+    constraint: Constraint | None = None
     #: When it was submitted (``time.monotonic()``): a reply's seconds count from here.
     submitted: float = dataclasses.field(default_factory=time.monotonic)
 

@@ -34,7 +34,8 @@ class SamplingParams:
     max_tokens: int = 256
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    #: GBNF the reply must match (from ``grammar=`` or converted from ``json_schema=``).
+    #: The grammar the reply must match, in llguidance's form (from ``grammar=`` GBNF or
+    #: ``json_schema=``, converted and checked by :func:`sanitize`).
     grammar: str | None = None
     #: ``(token id, bias)`` pairs added to the logits, by id.
     logit_bias: tuple[tuple[int, float], ...] = ()

@@ -1,19 +1,24 @@
 """Structured-output arguments: a grammar or JSON Schema, logit bias, logprob counts.
 
-Checked at the call like every other argument. What needs the model (compiling the grammar
-against its vocabulary, token ids in range) is :func:`check_for_model`, run before the job is
-queued; a grammar that fails there never reaches the engine.
+Checked at the call like every other argument: a grammar or schema becomes an llguidance
+grammar (``seqlease.native.guidance``) when the :class:`SamplingParams` are made. What needs
+the model (compiling that grammar against its vocabulary, token ids in range) is
+:func:`check_for_model`, run on the caller's thread before the job is queued; a grammar that
+fails there never reaches the engine.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from seqlease.checks import check_bool, check_int, check_number, describe
 from seqlease.errors import GrammarError
-from seqlease.native.grammar import schema_to_gbnf
+from seqlease.native.guidance import Constraint, gbnf_grammar, schema_grammar
+
+if TYPE_CHECKING:
+    from seqlease.request.params import SamplingParams
 
 __all__ = [
     "MAX_TOP_LOGPROBS",
@@ -29,27 +34,26 @@ MAX_TOP_LOGPROBS = 20
 
 
 class GrammarChecker(Protocol):
-    """A model that can say whether a grammar compiles against its vocabulary."""
+    """A model that compiles grammars against its vocabulary."""
 
     @property
     def n_vocab(self) -> int:
         """Vocabulary size."""
         ...
 
-    def check_grammar(self, text: str) -> None:
-        """Raise :class:`GrammarError` unless ``text`` compiles."""
+    def constraint(self, grammar: str) -> Constraint:
+        """A reply's :class:`Constraint` for ``grammar``; raises :class:`GrammarError`."""
         ...
 
 
 def grammar_text(grammar: object, json_schema: object) -> str | None:
-    """The GBNF text for ``grammar`` (GBNF) or ``json_schema``; at most one may be given.
+    """The llguidance grammar for ``grammar`` (GBNF) or ``json_schema``; at most one is given.
 
     ``json_schema`` is a JSON Schema mapping or a pydantic model class (its
-    ``model_json_schema()``). Only local ``$ref``s (``#/...``) are allowed: the converter would
-    fetch any other over the network.
+    ``model_json_schema()``). Only local ``$ref``s (``#/...``) are allowed: nothing is fetched.
 
     Raises:
-        GrammarError: both are given, the grammar is empty, or the schema cannot be converted.
+        GrammarError: both are given, the grammar is empty, or either cannot be enforced.
         TypeError: either has the wrong type.
 
     """
@@ -60,17 +64,23 @@ def grammar_text(grammar: object, json_schema: object) -> str | None:
             raise TypeError(f"grammar must be GBNF text (str), not {describe(grammar)}")
         if not grammar.strip():
             raise GrammarError("grammar is empty: give GBNF text with a `root` rule, or None")
-        return grammar
+        return gbnf_grammar(grammar)
     if json_schema is None:
         return None
     schema = _schema_mapping(json_schema)
-    for ref in _refs(schema):
+    try:
+        refs = list(_refs(schema))
+    except RecursionError as exc:
+        raise GrammarError(
+            "json_schema nests too deeply: use $defs and $ref for recursive structures"
+        ) from exc
+    for ref in refs:
         if not ref.startswith("#"):
             raise GrammarError(
                 f"json_schema refers to {ref!r}: only local references (#/$defs/...) are "
                 "allowed; inline the referenced schema"
             )
-    return schema_to_gbnf(schema)
+    return schema_grammar(schema)
 
 
 def _schema_mapping(json_schema: object) -> Mapping[str, Any]:
@@ -144,25 +154,22 @@ def logprob_counts(logprobs: object, top_logprobs: object) -> tuple[bool, int]:
     return wanted, top
 
 
-def check_for_model(
-    model: GrammarChecker, grammar: str | None, biases: Sequence[tuple[int, float]]
-) -> None:
-    """The checks that need the model: the grammar compiles, the biased ids exist.
+def check_for_model(model: GrammarChecker, params: SamplingParams) -> Constraint | None:
+    """The checks that need the model: the biased ids exist, the grammar compiles.
 
     Run on every generating call, also with hand-made :class:`SamplingParams`: llama.cpp
-    writes a bias at its token id unchecked.
+    writes a bias at its token id unchecked. Returns the reply's compiled grammar.
 
     Raises:
         GrammarError: the grammar does not compile.
         ValueError: a biased token id is outside the vocabulary, or a bias is not finite.
 
     """
-    for token, bias in biases:
+    for token, bias in params.logit_bias:
         if not 0 <= token < model.n_vocab:
             raise ValueError(
                 f"logit_bias token id {token} is outside the vocabulary [0, {model.n_vocab})"
             )
         if not math.isfinite(bias):
             raise ValueError(f"logit_bias[{token}] must be a finite number, not {bias}")
-    if grammar is not None:
-        model.check_grammar(grammar)
+    return None if params.grammar is None else model.constraint(params.grammar)

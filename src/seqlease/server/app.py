@@ -5,9 +5,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from fastapi import FastAPI, Request
@@ -20,6 +20,8 @@ from seqlease.server.errors import install_handlers
 from seqlease.server.schemas import ChatCompletionRequest, CompletionRequest
 from seqlease.server.service import Prepared, Service
 from seqlease.server.streaming import ClientGone
+
+_Body = TypeVar("_Body", ChatCompletionRequest, CompletionRequest)
 
 __all__ = ["create_app"]
 
@@ -64,12 +66,17 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         """A chat reply, whole or streamed (``stream: true``)."""
-        return await _answer(request, service.prepare_chat(body))
+        return await _answer(request, await _off_loop(service.prepare_chat, body))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         """A raw-text completion, whole or streamed."""
-        return await _answer(request, service.prepare_completion(body))
+        return await _answer(request, await _off_loop(service.prepare_completion, body))
+
+    async def _off_loop(prepare: Callable[[_Body], Prepared], body: _Body) -> Prepared:
+        # Rendering, tokenizing and compiling a grammar take a while for a large request:
+        # on a worker thread, /health and every other stream go on meanwhile.
+        return await anyio.to_thread.run_sync(prepare, body)
 
     async def _answer(request: Request, job: Prepared) -> Response:
         try:

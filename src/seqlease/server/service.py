@@ -115,7 +115,7 @@ class Service:
             check_prompt(tokens, self.ctx.n_ctx)
             # No limit: until the sequence is full, as OpenAI runs to the context's end.
             params = sanitize(max_tokens=limit or self.ctx.n_ctx - len(tokens), **sampling)
-            check_for_model(self.model, params.grammar, params.logit_bias)
+            check_for_model(self.model, params)
         except (SeqleaseError, ValueError) as exc:
             raise ApiError.bad_input(exc) from exc
         return Prepared(tokens, params, reply, stream, include_usage)

@@ -1,0 +1,235 @@
+"""Grammars and schemas a hostile caller sends: none crashes, stalls or slows the others.
+
+Each case of the issue crashed the process (llama.cpp's recursive GBNF parser ran out of C
+stack), stalled the shared engine thread for good, or slowed every lease for tens of seconds
+on the old grammar path. The cases that could crash run in a child process with a timeout, so
+a regression fails a test instead of killing the test run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jsonschema
+import pytest
+
+import seqlease
+from helpers import settle
+
+TIMEOUT = 120
+
+
+@pytest.fixture(scope="module", params=["session", "completion"])
+def ctx(request: pytest.FixtureRequest) -> Iterator[seqlease.Context]:
+    with seqlease.Context(sequences=2, n_ctx=512, n_threads=1, backend=request.param) as ctx:
+        yield ctx
+
+
+def nested_array(depth: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "integer"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema, "maxItems": 1}
+    return schema
+
+
+#: name -> generate() arguments. Each must give a GrammarError at the call or a reply.
+HOSTILE: dict[str, dict[str, Any]] = {
+    "maxLength 30000": {"json_schema": {"type": "string", "maxLength": 30000}},
+    "pattern a{0,30000}": {"json_schema": {"type": "string", "pattern": "^a{0,30000}$"}},
+    "nested repetition": {
+        "json_schema": {"type": "string", "pattern": "^((a{0,50}){0,50}){0,50}$"}
+    },
+    "20,000 nested parentheses": {"grammar": "root ::= " + "(" * 20000 + '"a"' + ")" * 20000},
+    "array nested 950 deep": {"json_schema": nested_array(950)},
+    "array nested 5000 deep": {"json_schema": nested_array(5000)},
+    "enum of 100k strings": {"json_schema": {"enum": [f"value {i}" for i in range(100_000)]}},
+    "100k GBNF alternatives": {
+        "grammar": "root ::= " + " | ".join(f'"a{i}"' for i in range(100_000))
+    },
+    "maxLength 1500": {"json_schema": {"type": "string", "maxLength": 1500}},
+}
+
+_CHILD = textwrap.dedent(
+    """
+    import json, sys, time
+    import seqlease
+    from test_hostile_grammars import HOSTILE
+
+    names = sys.argv[1:]
+    with seqlease.Context(sequences=1, n_ctx=256, n_threads=1) as ctx, ctx.lease() as seq:
+        for name in names:
+            start = time.monotonic()
+            try:
+                result = seq.generate("Answer:", max_tokens=8, **HOSTILE[name]).result()
+                outcome = {"reply": result.text, "finish": result.finish_reason}
+            except seqlease.GrammarError as exc:
+                outcome = {"error": str(exc)}
+            outcome.update(name=name, seconds=time.monotonic() - start)
+            print(json.dumps(outcome), flush=True)
+    """
+)
+
+
+def _run_child(names: list[str]) -> list[dict[str, Any]]:
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, *names],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=str(__import__("pathlib").Path(__file__).parent),
+    )
+    assert done.returncode == 0, f"the child died ({done.returncode}): {done.stderr[-2000:]}"
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_no_hostile_grammar_crashes_or_stalls_the_process() -> None:
+    outcomes = {o["name"]: o for o in _run_child(sorted(HOSTILE))}
+    assert outcomes.keys() == HOSTILE.keys()
+    for name, outcome in outcomes.items():
+        print(f"{name}: {outcome}")
+        # A refusal comes at once; a reply within its few tokens' time.
+        assert outcome["seconds"] < 10, f"{name} took {outcome['seconds']:.1f} s"
+        if "error" in outcome:
+            assert outcome["error"], name
+    # What llguidance can enforce, it does: these are answered, not refused.
+    for name in ("maxLength 30000", "pattern a{0,30000}", "nested repetition", "maxLength 1500"):
+        assert "reply" in outcomes[name], (name, outcomes[name])
+    assert set(json.loads(outcomes["pattern a{0,30000}"]["reply"])) <= {"a"}
+    assert outcomes["array nested 5000 deep"].get("error")
+
+
+@pytest.mark.timeout(TIMEOUT)
+@pytest.mark.parametrize(
+    ("schema", "reason"),
+    [
+        ({"const": "x", "enum": ["y"]}, "(?i)unsatisfiable schema"),
+        ({"type": "string", "minLength": 5, "maxLength": 2}, "(?i)unsatisfiable schema"),
+    ],
+)
+def test_a_schema_nothing_can_satisfy_is_refused(schema: dict[str, Any], reason: str) -> None:
+    with pytest.raises(seqlease.GrammarError, match=reason):
+        seqlease.sanitize(json_schema=schema)
+
+
+SCHEMAS_ONCE_WRONG: dict[str, dict[str, Any]] = {
+    # Became a grammar for {} on the old path.
+    "allOf": {"allOf": [{"type": "string", "maxLength": 12}]},
+    # `required` naming a property absent from `properties` was not enforced.
+    "required without properties": {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}},
+        "required": ["a", "b"],
+        "additionalProperties": {"type": "integer"},
+    },
+    # pydantic's self-referencing model: KeyError('#/$defs/n') on the old path.
+    "linked list": {
+        "$defs": {
+            "n": {
+                "type": "object",
+                "properties": {
+                    "v": {"type": "integer", "minimum": 0, "maximum": 9},
+                    "next": {"anyOf": [{"$ref": "#/$defs/n"}, {"type": "null"}]},
+                },
+                "required": ["v", "next"],
+                "additionalProperties": False,
+            }
+        },
+        "$ref": "#/$defs/n",
+    },
+    # Property names with a quote or a backslash failed to parse.
+    "odd property names": {
+        "type": "object",
+        "properties": {'a"b': {"type": "boolean"}, "c\\d": {"type": "boolean"}},
+        "required": ['a"b', "c\\d"],
+        "additionalProperties": False,
+    },
+    # Integer bounds were ignored by the binding's converter.
+    "integer bounds": {"type": "integer", "minimum": 3, "maximum": 7},
+}
+
+
+#: SmolLM2 keeps a linked list going unless shown where it ends.
+PROMPTS = {
+    "linked list": 'A linked list of two nodes in JSON, the last like {"v": 3, "next": null}:'
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", sorted(SCHEMAS_ONCE_WRONG))
+def test_schemas_the_old_path_got_wrong_now_hold(ctx: seqlease.Context, name: str) -> None:
+    schema = SCHEMAS_ONCE_WRONG[name]
+    ended = 0
+    with ctx.lease(timeout=TIMEOUT) as seq:
+        for seed in range(6):
+            result = seq.generate(
+                PROMPTS.get(name, "Reply in JSON:"),
+                json_schema=schema,
+                temperature=0.7,
+                seed=seed,
+                max_tokens=160,
+            ).result()
+            if result.finish_reason == "length":
+                continue  # a linked list may go on for ever: only what ends can validate
+            ended += 1
+            jsonschema.validate(json.loads(result.text), schema)
+    assert ended >= 4, f"only {ended} of 6 replies ended"
+
+
+@pytest.mark.timeout(TIMEOUT)
+def test_a_hostile_caller_leaves_a_neighbours_reply_and_steps_alone() -> None:
+    """A greedy neighbour's text and step times, alone and beside a lease of hostile grammars."""
+    prompt = "The three most common colours of a car are"
+    with seqlease.Context(sequences=2, n_ctx=512, n_threads=1, backend="session") as ctx:
+
+        def neighbour() -> tuple[str, list[float]]:
+            gaps: list[float] = []
+            with ctx.lease(timeout=TIMEOUT) as seq:
+                last = time.monotonic()
+                text = ""
+                for chunk in seq.generate(prompt, temperature=0, max_tokens=48):
+                    now = time.monotonic()
+                    gaps.append(now - last)
+                    last = now
+                    text += chunk
+            return text, gaps[1:]  # the first gap holds the prompt
+
+        alone, alone_gaps = neighbour()
+        stop = threading.Event()
+        tried: list[str] = []
+
+        def hostile() -> None:
+            with ctx.lease(timeout=TIMEOUT) as seq:
+                while not stop.is_set():
+                    for name, kwargs in HOSTILE.items():
+                        if stop.is_set():
+                            return
+                        with contextlib.suppress(seqlease.GrammarError):
+                            seq.generate("Answer:", max_tokens=4, **kwargs).result()
+                        tried.append(name)
+
+        thread = threading.Thread(target=hostile)
+        thread.start()
+        try:
+            time.sleep(0.5)
+            beside, beside_gaps = neighbour()
+        finally:
+            stop.set()
+            thread.join(TIMEOUT)
+        assert not thread.is_alive()
+        assert settle(ctx).leased == 0
+    assert tried, "the hostile caller never got going"
+    assert beside == alone
+    median = sorted(alone_gaps)[len(alone_gaps) // 2]
+    print(f"step median alone {median * 1000:.1f} ms, worst beside {max(beside_gaps) * 1000:.1f}")
+    # A neighbour's step may double while a second sequence decodes; never more than that plus
+    # a scheduler tick on a busy 2-core box.
+    assert max(beside_gaps) < 4 * median + 0.05
