@@ -653,45 +653,6 @@ def test_shutdown_lets_a_running_stream_finish_then_exits_0(tmp_path):
     assert_shut_down_cleanly(srv)
 
 
-def test_the_module_server_shuts_down_cleanly(server):
-    assert _idle(server.url)["busy"] == 0
-    assert stop(server.proc) == 0
-    assert_shut_down_cleanly(server)
-
-
-@pytest.mark.timeout(60)
-def test_shutting_down_waits_close_timeout_for_a_lease_of_the_loops_own_tasks():
-    # The lifespan's close ran on the event loop's thread, where every request's lease is
-    # held: the pool skipped them all, and close_timeout waited for nothing.
-    import seqlease
-    from seqlease.server.app import create_app
-    from tiny_model import tiny_model_path
-
-    ctx = seqlease.Context(tiny_model_path(), sequences=1, n_ctx=64, n_threads=1)
-    app = create_app(ctx, close_timeout=20)
-
-    released: list[float] = []
-
-    async def main() -> tuple[float, bool]:
-        async with app.router.lifespan_context(app):
-            seq = await ctx.aacquire()
-
-            async def answer_then_release() -> None:
-                await asyncio.sleep(0.3)  # a request still running as the server stops
-                released.append(time.monotonic())
-                await seq.arelease()
-
-            request = asyncio.create_task(answer_then_release())
-        closed, freed = time.monotonic(), ctx.probe.freed
-        await request
-        return closed, freed
-
-    closed, freed_at_close = asyncio.run(asyncio.wait_for(main(), 40))
-    assert closed >= released[0]  # the close waited for the lease...
-    assert freed_at_close  # ...and freed the model once it came back
-    assert ctx.stats().leased == 0
-
-
 def test_hostile_response_formats_get_a_reply_or_a_400_and_the_server_serves_on(server, client):
     from test_hostile_grammars import HOSTILE
 
@@ -732,3 +693,42 @@ def test_hostile_response_formats_get_a_reply_or_a_400_and_the_server_serves_on(
     assert "nests too deeply" in _error(r, 400)["message"]
     assert outcomes["maxLength 30000"] in ("length", "stop")
     assert server.proc.poll() is None, server.output()
+
+
+def test_the_module_server_shuts_down_cleanly(server):
+    assert _idle(server.url)["busy"] == 0
+    assert stop(server.proc) == 0
+    assert_shut_down_cleanly(server)
+
+
+@pytest.mark.timeout(60)
+def test_shutting_down_waits_close_timeout_for_a_lease_of_the_loops_own_tasks():
+    # The lifespan's close ran on the event loop's thread, where every request's lease is
+    # held: the pool skipped them all, and close_timeout waited for nothing.
+    import seqlease
+    from seqlease.server.app import create_app
+    from tiny_model import tiny_model_path
+
+    ctx = seqlease.Context(tiny_model_path(), sequences=1, n_ctx=64, n_threads=1)
+    app = create_app(ctx, close_timeout=20)
+
+    released: list[float] = []
+
+    async def main() -> tuple[float, bool]:
+        async with app.router.lifespan_context(app):
+            seq = await ctx.aacquire()
+
+            async def answer_then_release() -> None:
+                await asyncio.sleep(0.3)  # a request still running as the server stops
+                released.append(time.monotonic())
+                await seq.arelease()
+
+            request = asyncio.create_task(answer_then_release())
+        closed, freed = time.monotonic(), ctx.probe.freed
+        await request
+        return closed, freed
+
+    closed, freed_at_close = asyncio.run(asyncio.wait_for(main(), 40))
+    assert closed >= released[0]  # the close waited for the lease...
+    assert freed_at_close  # ...and freed the model once it came back
+    assert ctx.stats().leased == 0
