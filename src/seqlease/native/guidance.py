@@ -90,6 +90,9 @@ _MAX_INTEGER = 10**15 - 1
 def _closed(node: Any, *, in_all_of: bool = False) -> Any:
     """``node`` closed where an object lists its properties, and with integers of 15 digits.
 
+    The one walk over the schema: it also refuses a ``$ref`` outside the schema (nothing is
+    fetched, from a server that takes schemas from its clients).
+
     ``additionalProperties: false`` where none is given is what llama.cpp's converter and
     OpenAI's structured outputs do, and what a pydantic model's
     schema means: only the fields it declares (JSON Schema would allow any other). Parts of an
@@ -99,6 +102,12 @@ def _closed(node: Any, *, in_all_of: bool = False) -> Any:
         return [_closed(item, in_all_of=in_all_of) for item in node]
     if not isinstance(node, Mapping):
         return node
+    ref = node.get("$ref")
+    if isinstance(ref, str) and not ref.startswith("#"):
+        raise GrammarError(
+            f"json_schema refers to {ref!r}: only local references (#/$defs/...) are "
+            "allowed; inline the referenced schema"
+        )
     out = {
         key: value
         if key in ("enum", "const", "default", "examples")
@@ -253,13 +262,13 @@ class Constraint:
         mask = self._mask
         self._matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
         self._raise_on_error("failed at this point of the reply")
-        allowed = np.unpackbits(mask.view(np.uint8), bitorder="little", count=self._n_vocab)
-        if not allowed.any():
+        if not mask.any():  # 1,536 words for 49k tokens: cheaper than the unpacked mask
             raise GrammarError(
                 "the grammar allows none of this model's tokens at this point of the reply: "
                 "check that every character it asks for can be written by the model"
             )
-        logits[: self._n_vocab][allowed == 0] = -np.inf
+        allowed = np.unpackbits(mask.view(np.uint8), bitorder="little", count=self._n_vocab)
+        logits[allowed == 0] = -np.inf
         return logits
 
     def accept(self, token: int) -> None:
@@ -269,6 +278,7 @@ class Constraint:
             GrammarError: the grammar refuses ``token``.
 
         """
-        if not self._matcher.consume_token(token):
-            self._raise_on_error("refused the sampled token")
-            raise GrammarError("the grammar refused the sampled token")
+        if not self._matcher.consume_token(token):  # False only in an error state
+            raise GrammarError(
+                f"the grammar refused the sampled token: {_short(self._matcher.get_error())}"
+            )

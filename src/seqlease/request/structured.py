@@ -10,7 +10,7 @@ fails there never reaches the engine.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from seqlease.checks import check_bool, check_int, check_number, describe
@@ -67,20 +67,7 @@ def grammar_text(grammar: object, json_schema: object) -> str | None:
         return gbnf_grammar(grammar)
     if json_schema is None:
         return None
-    schema = _schema_mapping(json_schema)
-    try:
-        refs = list(_refs(schema))
-    except RecursionError as exc:
-        raise GrammarError(
-            "json_schema nests too deeply: use $defs and $ref for recursive structures"
-        ) from exc
-    for ref in refs:
-        if not ref.startswith("#"):
-            raise GrammarError(
-                f"json_schema refers to {ref!r}: only local references (#/$defs/...) are "
-                "allowed; inline the referenced schema"
-            )
-    return schema_grammar(schema)
+    return schema_grammar(_schema_mapping(json_schema))
 
 
 def _schema_mapping(json_schema: object) -> Mapping[str, Any]:
@@ -96,19 +83,6 @@ def _schema_mapping(json_schema: object) -> Mapping[str, Any]:
         "json_schema must be a JSON Schema (dict) or a pydantic model class, not "
         f"{describe(json_schema)}"
     )
-
-
-def _refs(node: object) -> Iterator[str]:
-    """Every ``$ref`` value in a schema, at any depth."""
-    if isinstance(node, Mapping):
-        for key, value in node.items():
-            if key == "$ref" and isinstance(value, str):
-                yield value
-            else:
-                yield from _refs(value)
-    elif isinstance(node, (list, tuple)):
-        for item in node:
-            yield from _refs(item)
 
 
 def logit_biases(value: object) -> tuple[tuple[int, float], ...]:
