@@ -24,7 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import run_cli
+import seqlease
+from helpers import INJECTION, control_tokens, run_cli
+from seqlease.chat.template import ChatTemplate
 from serving import (
     LONG_PROMPT,
     ROOT,
@@ -192,6 +194,29 @@ def test_cached_prompt_tokens_are_reported(client):
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert cached > 100, second.usage
     assert cached < second.usage.prompt_tokens  # the last token is always evaluated
+
+
+def test_a_user_message_cannot_open_a_system_turn_over_http(client):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": INJECTION},
+    ]
+    reply = client.chat.completions.create(
+        model="any", messages=messages, max_tokens=8, temperature=0
+    )
+    with seqlease.Context(sequences=1, n_ctx=N_CTX, n_threads=1) as ctx:
+        template = ChatTemplate.from_model(ctx.model)
+        prompt = template.tokenize(ctx.model, messages)
+        markup = template.tokenize(ctx.model, [{**m, "content": "x"} for m in messages])
+        # The template's four control tokens per turn pair, none from the typed text ...
+        assert control_tokens(ctx.model, prompt) == control_tokens(ctx.model, markup)
+        # ... and that is the prompt the server ran: its size, and its greedy reply.
+        assert reply.usage.prompt_tokens == len(prompt)
+        with ctx.lease() as seq:
+            chat = seqlease.ChatSession(seq, system_prompt="Be brief.")
+            assert reply.choices[0].message.content == chat.prompt(
+                INJECTION, max_tokens=8, temperature=0
+            )
 
 
 def test_logprobs_come_with_their_alternatives(client):

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Protocol
 
 from seqlease.native.guidance import Constraint, gbnf_grammar
+from seqlease.native.model import ControlToken
 from seqlease.persist.fingerprint import model_fingerprint
 
 __all__ = ["ModelInfo"]
@@ -30,6 +31,9 @@ class _Native(Protocol):
     def detokenize(self, tokens: list[int], *, special: bool = False) -> str: ...
 
     def is_eog(self, token: int) -> bool: ...
+
+    @property
+    def control_tokens(self) -> tuple[ControlToken, ...]: ...
 
     def constraint(self, grammar: str) -> Constraint: ...
 
@@ -79,6 +83,20 @@ class ModelInfo:
     def is_eog(self, token: int) -> bool:
         """Whether ``token`` ends generation (EOS, end of turn, ...)."""
         return self._native.is_eog(token)
+
+    @property
+    def control_tokens(self) -> tuple[ControlToken, ...]:
+        """The tokens that text becomes only with ``special=True``, longest text first.
+
+        What a chat template's markup may contain and a message's content may not: see
+        :meth:`ChatTemplate.tokenize <seqlease.chat.template.ChatTemplate.tokenize>`.
+        """
+        return self._native.control_tokens
+
+    @functools.cached_property
+    def bos_tokens(self) -> tuple[int, ...]:
+        """What ``add_bos=True`` puts before a text: ``(bos,)`` or ``()`` (the model says)."""
+        return tuple(t for t in self.tokenize("", add_bos=True) if t == self.bos >= 0)
 
     @functools.cached_property
     def eog_tokens(self) -> tuple[int, ...]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import functools
+import re
+import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,6 +14,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from seqlease.errors import SeqleaseError
 from seqlease.model_info import ModelInfo
+from seqlease.native.model import ControlToken
 from seqlease.request.text import USER_TURN_MARKERS, check_stop
 
 __all__ = ["FALLBACK_TEMPLATE", "ChatTemplate"]
@@ -28,6 +31,10 @@ FALLBACK_TEMPLATE = (
 
 # End-of-turn markers of common template families; those that occur in a template stop a reply.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|endoftext|>")
+
+
+# What C's isspace() strips beside an lstrip/rstrip token in llama.cpp's tokenizer.
+_SPACE = " \t\n\v\f\r"
 
 
 def _raise(message: str) -> None:
@@ -110,12 +117,124 @@ class ChatTemplate:
         *,
         add_generation_prompt: bool = True,
     ) -> list[int]:
-        """:meth:`render` ``messages`` and tokenize the text with ``model``."""
+        """:meth:`render` ``messages`` and tokenize the text with ``model``.
+
+        Message content is data: only the template's own markup becomes control tokens.
+        ``<|im_end|>`` typed in a message stays those characters, as OpenAI's API treats
+        content; llama.cpp's own tokenizer would make it a real end of turn.
+
+        Raises:
+            SeqleaseError: a message holds control-token text and the template rewrites
+                content beyond trimming it, so content cannot be told from markup.
+
+        """
         rendered = self.render(messages, add_generation_prompt=add_generation_prompt)
+        parts = self._parts(messages, rendered, add_generation_prompt, model.control_tokens)
+        items: list[str | ControlToken] = []
+        for text, markup in parts:
+            items.extend(_partition(text, model.control_tokens) if markup else [text])
         # A template that writes BOS itself must not get a second one from the tokenizer.
-        return model.tokenize(
-            rendered, special=True, add_bos=not (self._bos and rendered.startswith(self._bos))
+        tokens = [] if self._bos and rendered.startswith(self._bos) else list(model.bos_tokens)
+        for item in _stripped(items):
+            if isinstance(item, str):
+                tokens += model.tokenize(item, special=False, add_bos=False)
+            else:
+                tokens.append(item.id)
+        return tokens
+
+    def _parts(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        rendered: str,
+        add_generation_prompt: bool,
+        controls: Sequence[ControlToken],
+    ) -> list[tuple[str, bool]]:
+        # Where content lies in ``rendered``: render once more with each content replaced by
+        # a mark no text can hold, then read ``rendered`` along that skeleton. Searching for
+        # the content instead is fooled by content that repeats the markup around it.
+        key = secrets.token_hex(8)
+        shaped = [
+            {**m, "content": f"\ue000{key}{i}\ue001"}
+            if isinstance(m.get("content"), str) and m["content"]
+            else dict(m)
+            for i, m in enumerate(messages)
+        ]
+        skeleton = re.split(
+            f"\ue000{key}(\\d+)\ue001",
+            self.render(shaped, add_generation_prompt=add_generation_prompt),
         )
+        parts = [(skeleton[0], True)]
+        at = len(skeleton[0])
+        fits = rendered.startswith(skeleton[0])
+        for index, markup in zip(skeleton[1::2], skeleton[2::2], strict=True):
+            content = messages[int(index)]["content"]
+            # Templates trim content (Llama 3, Gemma); any other rewrite is not followed.
+            for text in dict.fromkeys(
+                (content, content.strip(), content.lstrip(), content.rstrip())
+            ):
+                if rendered.startswith(text, at) and rendered.startswith(markup, at + len(text)):
+                    break
+            else:
+                fits = False
+                break
+            parts += [(text, False), (markup, True)]
+            at += len(text) + len(markup)
+        if fits and at == len(rendered):
+            return parts
+        for m in messages:
+            content = m.get("content")
+            hit = next(
+                (c.text for c in controls if isinstance(content, str) and c.text in content), None
+            )
+            if hit is not None:
+                raise SeqleaseError(
+                    f"a {m.get('role', '')} message holds the control-token text {hit!r}, and "
+                    "this model's chat template rewrites message content, so seqlease cannot "
+                    "keep it plain text: remove it from the message"
+                )
+        return [(rendered, True)]  # no content can turn into control tokens
+
+
+def _partition(text: str, controls: Sequence[ControlToken]) -> list[str | ControlToken]:
+    """``text`` cut at control-token texts, longest first: llama.cpp's ``parse_special``."""
+    pieces: list[str | ControlToken] = [text]
+    for control in controls:
+        if not any(isinstance(p, str) and control.text in p for p in pieces):
+            continue
+        cut: list[str | ControlToken] = []
+        for piece in pieces:
+            if not isinstance(piece, str):
+                cut.append(piece)
+                continue
+            for i, chunk in enumerate(piece.split(control.text)):
+                if i:
+                    cut.append(control)
+                if chunk:
+                    cut.append(chunk)
+        pieces = cut
+    return pieces
+
+
+def _stripped(items: list[str | ControlToken]) -> list[str | ControlToken]:
+    """Adjacent texts joined, whitespace stripped beside ``lstrip``/``rstrip`` tokens."""
+    out: list[str | ControlToken] = []
+    strip_next = False
+    for item in items:
+        if isinstance(item, str):
+            text = item.lstrip(_SPACE) if strip_next else item
+            if out and isinstance(out[-1], str):
+                out[-1] += text
+            elif text:
+                out.append(text)
+            strip_next = False
+            continue
+        if item.lstrip and out and isinstance(out[-1], str):
+            out[-1] = out[-1].rstrip(_SPACE)
+            if not out[-1]:
+                out.pop()
+        out.append(item)
+        strip_next = item.rstrip
+    return out
 
 
 @functools.lru_cache(maxsize=16)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import dataclasses
+import functools
 import os
 import threading
 from pathlib import Path
@@ -17,10 +19,24 @@ from seqlease.native.names import bound
 from seqlease.native.params import KvShape, model_params
 from seqlease.options import ModelOptions
 
-__all__ = ["NativeModel"]
+__all__ = ["ControlToken", "NativeModel"]
 
 #: Compiled grammars kept per model: a server's distinct response formats are few.
 _COMPILED_KEPT = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlToken:
+    """A token that text becomes only when special tokens are parsed (``<|im_start|>``)."""
+
+    #: Its text in a prompt.
+    text: str
+    #: Its id.
+    id: int
+    #: llama.cpp strips the whitespace before it (``LLAMA_TOKEN_ATTR_LSTRIP``) ...
+    lstrip: bool
+    #: ... and after it (``LLAMA_TOKEN_ATTR_RSTRIP``) when it parses the text.
+    rstrip: bool
 
 
 class NativeModel:
@@ -146,6 +162,34 @@ class NativeModel:
         """Whether ``token`` ends generation (EOS, EOT, ...)."""
         with self._lock:
             return bool(self._is_eog(self._live_vocab(), token))
+
+    @functools.cached_property
+    def control_tokens(self) -> tuple[ControlToken, ...]:
+        """The tokens ``parse_special`` matches in text, longest text first (llama.cpp's order).
+
+        Those with the control or unknown attribute: llama.cpp matches user-defined tokens
+        in text even without ``parse_special``, so those are text. One pass over the
+        vocabulary (tens of milliseconds), once per model.
+        """
+        attr = bound(self._lib, "token attributes")
+        special = self._lib.LLAMA_TOKEN_ATTR_CONTROL | self._lib.LLAMA_TOKEN_ATTR_UNKNOWN
+        with self._lock:
+            vocab = self._live_vocab()
+            ids = [t for t in range(self.n_vocab) if attr(vocab, t) & special]
+            attrs = {t: int(attr(vocab, t)) for t in ids}
+        found = []
+        for t in ids:
+            text = self.token_to_piece(t, special=True).decode("utf-8", "replace")
+            if text:
+                found.append(
+                    ControlToken(
+                        text,
+                        t,
+                        bool(attrs[t] & self._lib.LLAMA_TOKEN_ATTR_LSTRIP),
+                        bool(attrs[t] & self._lib.LLAMA_TOKEN_ATTR_RSTRIP),
+                    )
+                )
+        return tuple(sorted(found, key=lambda c: len(c.text), reverse=True))
 
     def constraint(self, grammar: str) -> Constraint:
         """A new :class:`Constraint` for one reply on ``grammar`` (llguidance's form).

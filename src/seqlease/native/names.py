@@ -34,6 +34,7 @@ NAMES: dict[str, tuple[str, ...]] = {
     "training context size": ("llama_model_n_ctx_train", "llama_n_ctx_train"),
     "BOS token": ("llama_vocab_bos", "llama_token_bos"),
     "EOS token": ("llama_vocab_eos", "llama_token_eos"),
+    "token attributes": ("llama_vocab_get_attr", "llama_token_get_attr"),
     "tokenize": ("llama_model_get_vocab",),
     "batched decode": ("llama_batch_init",),
     "read logits": ("llama_get_logits_ith",),
