@@ -182,10 +182,8 @@ class ChatTemplate:
         if fits and at == len(rendered):
             return parts
         for m in messages:
-            content = m.get("content")
-            hit = next(
-                (c.text for c in controls if isinstance(content, str) and c.text in content), None
-            )
+            said = m.get("content")
+            hit = next((c.text for c in controls if isinstance(said, str) and c.text in said), None)
             if hit is not None:
                 raise SeqleaseError(
                     f"a {m.get('role', '')} message holds the control-token text {hit!r}, and "
