@@ -40,6 +40,20 @@ def nested_array(depth: int) -> dict[str, Any]:
     return schema
 
 
+def chained_rules(n: int) -> str:
+    rules = "".join(f"r{i} ::= r{i + 1}\n" for i in range(n))
+    return f'root ::= r0\n{rules}r{n} ::= "a"'
+
+
+def ref_chain(n: int) -> dict[str, Any]:
+    defs: dict[str, Any] = {
+        f"d{i}": {"type": "array", "items": {"$ref": f"#/$defs/d{i + 1}"}, "maxItems": 1}
+        for i in range(n)
+    }
+    defs[f"d{n}"] = {"type": "integer"}
+    return {"$defs": defs, "$ref": "#/$defs/d0"}
+
+
 #: name -> generate() arguments. Each must give a GrammarError at the call or a reply.
 HOSTILE: dict[str, dict[str, Any]] = {
     "maxLength 30000": {"json_schema": {"type": "string", "maxLength": 30000}},
@@ -55,6 +69,39 @@ HOSTILE: dict[str, dict[str, Any]] = {
         "grammar": "root ::= " + " | ".join(f'"a{i}"' for i in range(100_000))
     },
     "maxLength 1500": {"json_schema": {"type": "string", "maxLength": 1500}},
+    # Found while testing this file: a chain of rules crashed llguidance's compiler (SIGSEGV
+    # on an 8 MiB thread stack) from about 3,000 rules or 5,000 $refs.
+    "20,000 chained GBNF rules": {"grammar": chained_rules(20_000)},
+    "2,000 chained GBNF rules": {"grammar": chained_rules(1_998)},
+    "$ref chain of 5000 arrays": {"json_schema": ref_chain(5000)},
+    "$ref chain of 12000 arrays": {"json_schema": ref_chain(12_000)},
+    "enum of 20k strings": {"json_schema": {"enum": [f"value {i}" for i in range(20_000)]}},
+    "left recursion": {"grammar": 'root ::= root "a" | "a"'},
+    "self-referencing root": {
+        "json_schema": {"type": "object", "properties": {"next": {"$ref": "#"}}}
+    },
+    "5000 required properties": {
+        "json_schema": {
+            "type": "object",
+            "properties": {f"p{i}": {"type": "integer"} for i in range(5000)},
+            "required": [f"p{i}" for i in range(5000)],
+        }
+    },
+    "minItems 100000": {
+        "json_schema": {"type": "array", "items": {"type": "integer"}, "minItems": 100_000}
+    },
+    "ambiguous alternation": {"json_schema": {"type": "string", "pattern": "^(a|aa|aaa|aaaa)*b$"}},
+    "anyOf of 2000 objects": {
+        "json_schema": {
+            "anyOf": [
+                {"type": "object", "properties": {f"k{i}": {"const": i}}, "required": [f"k{i}"]}
+                for i in range(2000)
+            ]
+        }
+    },
+    "grammar over the size cap": {"grammar": 'root ::= "' + "a" * 1_100_000 + '"'},
+    "multipleOf 1e-300": {"json_schema": {"type": "number", "multipleOf": 1e-300}},
+    "look-ahead pattern": {"json_schema": {"type": "string", "pattern": "^(?=a).*$"}},
 }
 
 _CHILD = textwrap.dedent(
@@ -105,6 +152,9 @@ def test_no_hostile_grammar_crashes_or_stalls_the_process() -> None:
         assert "reply" in outcomes[name], (name, outcomes[name])
     assert set(json.loads(outcomes["pattern a{0,30000}"]["reply"])) <= {"a"}
     assert outcomes["array nested 5000 deep"].get("error")
+    for name in ("2,000 chained GBNF rules", "$ref chain of 5000 arrays", "left recursion"):
+        assert "reply" in outcomes[name], (name, outcomes[name])
+    assert "rules" in outcomes["20,000 chained GBNF rules"]["error"]
 
 
 @pytest.mark.timeout(TIMEOUT)

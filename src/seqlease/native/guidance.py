@@ -16,9 +16,12 @@ freed memory.
 
 from __future__ import annotations
 
+import functools
 import json
+import re
+import threading
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import llguidance
 import numpy as np
@@ -28,6 +31,7 @@ from seqlease.errors import GrammarError
 
 __all__ = [
     "LIMITS",
+    "MAX_GBNF_RULES",
     "MAX_GRAMMAR_CHARS",
     "Constraint",
     "gbnf_grammar",
@@ -39,6 +43,53 @@ __all__ = [
 #: (OpenAPI tool sets) are under 100 kB; llguidance rejects far smaller grammars as too big
 #: anyway, and this bound keeps the Python-side conversion of a hostile text short.
 MAX_GRAMMAR_CHARS = 1_000_000
+
+#: The most rules a GBNF grammar may define. llguidance's converter is pure Python and
+#: quadratic in rules, holding the GIL (3,000 rules: 0.34 s, 10,000: 3.2 s, measured); grammars
+#: people write have tens, and a JSON Schema goes through ``json_schema=`` instead.
+MAX_GBNF_RULES = 2_000
+
+_RULE = re.compile(r"^[ \t]*[A-Za-z0-9_-]+[ \t]*::=", re.MULTILINE)
+
+#: The stack of the thread that compiles. llguidance compiles recursively, a few kB of C stack
+#: per rule it goes through: a chain of 3,000 rules (or of 5,000 ``$ref``s in a schema)
+#: overflowed a thread's 8 MiB and killed the process (SIGSEGV, measured). 1 GiB is address
+#: space, touched only as deep as a grammar goes.
+_COMPILE_STACK = 1 << 30
+_stack_size = threading.Lock()
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _on_deep_stack(fn: Callable[_P, _T]) -> Callable[_P, _T]:
+    """``fn`` run on a thread of its own with a :data:`_COMPILE_STACK` stack, then joined."""
+
+    @functools.wraps(fn)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        outcome: list[tuple[bool, Any]] = []
+
+        def call() -> None:
+            try:
+                outcome.append((True, fn(*args, **kwargs)))
+            except BaseException as exc:  # re-raised on the caller's thread
+                outcome.append((False, exc))
+
+        with _stack_size:  # the size is process-wide: set it for this one thread only
+            before = threading.stack_size(_COMPILE_STACK)
+            try:
+                thread = threading.Thread(target=call, name="seqlease-grammar", daemon=True)
+                thread.start()
+            finally:
+                threading.stack_size(before)
+        thread.join()
+        ok, value = outcome[0]
+        if ok:
+            return value  # type: ignore[no-any-return]
+        raise value
+
+    return run
+
 
 #: Work bounds for compiling and for every token's mask. llguidance's defaults allow 200k lexer
 #: fuel a step (about 14 ms at its ~14k/ms); a quarter of that still covers every schema in
@@ -61,6 +112,7 @@ _JSON_OPTIONS: Any = {
 }
 
 
+@_on_deep_stack
 def schema_grammar(schema: Mapping[str, Any]) -> str:
     """The llguidance grammar for a JSON Schema, checked (no model needed).
 
@@ -127,6 +179,7 @@ def _closed(node: Any, *, in_all_of: bool = False) -> Any:
     return out
 
 
+@_on_deep_stack
 def gbnf_grammar(text: str) -> str:
     """The llguidance grammar for GBNF ``text`` (llama.cpp's grammar syntax), checked.
 
@@ -135,6 +188,12 @@ def gbnf_grammar(text: str) -> str:
 
     """
     _check_size("grammar", text)
+    rules = len(_RULE.findall(text))
+    if rules > MAX_GBNF_RULES:
+        raise GrammarError(
+            f"grammar defines {rules:,} rules, more than the {MAX_GBNF_RULES:,} accepted: "
+            "merge rules, or describe JSON output with json_schema= instead"
+        )
     try:
         lark = any_to_lark(text)
     except RecursionError as exc:
@@ -220,6 +279,11 @@ def tokenizer_from(
     return llguidance.LLTokenizer(wrapper, n_vocab=n_vocab, eos_token=ends or None)
 
 
+@_on_deep_stack
+def _matcher(tokenizer: Any, grammar: str) -> Any:
+    return llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=LIMITS)
+
+
 class Constraint:
     """Where one reply stands in its grammar, and which tokens may come next.
 
@@ -234,7 +298,7 @@ class Constraint:
             GrammarError: it cannot be compiled for this vocabulary.
 
         """
-        self._matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=LIMITS)
+        self._matcher = _matcher(tokenizer, grammar)
         self._raise_on_error("cannot be compiled for this model")
         self._n_vocab = n_vocab
         self._mask = np.zeros((n_vocab + 31) // 32, dtype=np.int32)
