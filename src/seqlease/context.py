@@ -18,13 +18,14 @@ from seqlease.backends.probe import Probe
 from seqlease.backends.session import SessionBackend
 from seqlease.checks import check_int, check_text, check_timeout, describe
 from seqlease.detection import Capabilities, detect
-from seqlease.errors import BackendUnavailableError
+from seqlease.errors import BackendUnavailableError, ModelLoadError
 from seqlease.lease import AsyncLease, Lease
 from seqlease.model_info import ModelInfo
 from seqlease.model_path import default_model_path
 from seqlease.native.library import load_library
 from seqlease.native.params import resolve
 from seqlease.options import MAX_SEQUENCES, ContextOptions, ModelOptions, default_threads
+from seqlease.persist.fingerprint import model_fingerprint
 from seqlease.pool import PoolStats, SequencePool, Slot
 from seqlease.pool.origin import caller_origin
 from seqlease.request.params import sanitize
@@ -97,7 +98,8 @@ class Context:
         Raises:
             ValueError: an argument is out of range (the message says the allowed range).
             TypeError: a switch is not a bool, or ``tensor_split`` not a sequence of numbers.
-            ModelLoadError: the model file is missing or not GGUF.
+            ModelLoadError: the model file is missing or not GGUF, or was replaced while it
+                was loading.
             BackendUnavailableError: the requested backend cannot run on this binding, or it
                 cannot honour an option asked for (the message names both).
 
@@ -142,11 +144,23 @@ class Context:
         self.model_options, context = resolve(lib, model, context)
         #: The llama.cpp context as created, every "auto" and ``None`` settled.
         self.context_options = context
+        try:
+            loading = model_fingerprint(self.model_path)
+        except OSError:
+            loading = None  # the backend's load says what is wrong with the path
         self._backend: Backend = (
             SessionBackend(lib, self.model_path, self.model_options, context)
             if chosen == "session"
             else CompletionBackend(self.model_path, self.model_options, context)
         )
+        if loading is not None and self._backend.model_info.fingerprint != loading:
+            # ModelInfo takes its fingerprint after llama.cpp has read the file: where the
+            # file changed meanwhile, no one can tell which of the two the weights came from.
+            self._backend.close()
+            raise ModelLoadError(
+                f"the model file {self.model_path!r} was replaced while it was loading: "
+                "create the Context again"
+            )
         logger.info(
             "context ready: %s backend, %d sequences x %d tokens, model %s, %s, %s",
             chosen,

@@ -137,8 +137,9 @@ class ContextOptions:
         check_int("n_ctx", self.n_ctx, 8, 1 << 20)
         check_int("n_batch", self.n_batch, 1, 1 << 16)
         if self.n_batch < self.sequences:
-            # llama.cpp sizes its output buffer by n_batch and aborts the process
-            # (GGML_ASSERT n_outputs_max) when a step has one output per sequence more.
+            # llama.cpp aborts the process (GGML_ASSERT n_outputs_max) where n_batch is below
+            # its n_seq_max; the prefix cache's ids fit into what n_batch leaves above
+            # sequences (seqlease.engine.layout.plan_layout), so this is the one bound.
             raise ValueError(
                 f"n_batch must be >= sequences: a step decodes one token of every sequence, "
                 f"so n_batch={self.n_batch} cannot serve sequences={self.sequences}; raise "

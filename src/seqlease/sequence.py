@@ -122,8 +122,9 @@ class Sequence:
         ``prompt`` is everything the sequence should hold before the reply (text, or token
         ids). Text is a raw prompt that writes its own markup: control-token text in it
         (``<|im_start|>``) becomes control tokens, as in llama.cpp. To keep untrusted text
-        plain, pass ``seq.model.tokenize(text)`` instead, or use a ChatSession. Tokens the sequence already holds as a common prefix are kept, not evaluated
-        again, so re-sending a growing conversation costs only its new part. Concurrent
+        plain, pass ``seq.model.tokenize(text)`` instead, or use a ChatSession. Tokens the
+        sequence already holds as a common prefix are kept, not evaluated again, so
+        re-sending a growing conversation costs only its new part. Concurrent
         generations on different sequences share each decode step. Setting ``abort`` stops
         the generation within one step.
 

@@ -237,7 +237,7 @@ class CompletionBackend(JobWorker):
         # own check). Llama's own check would allow more: llama.cpp rounds the context up
         # (128 -> 256), while Llama.input_ids holds only the n_ctx it was given.
         room = self.n_ctx - len(prompt)
-        reply.n_evaluated = self._to_evaluate(prompt)
+        reply.n_evaluated = self._keep_prefix(prompt)
         if reply.n_evaluated < len(prompt):
             self._hits += 1
             self._reused += len(prompt) - reply.n_evaluated
@@ -292,28 +292,28 @@ class CompletionBackend(JobWorker):
                 return reason
         return "length"  # generate() never ends on its own; kept for the type checker
 
-    def _to_evaluate(self, prompt: list[int]) -> int:
-        """Prompt tokens ``Llama.generate`` will evaluate, by the rule it applies (0.3.x).
+    def _keep_prefix(self, prompt: list[int]) -> int:
+        """Let ``Llama`` keep at most all but the last two prompt tokens; how many it evaluates.
 
-        It keeps the longest common prefix of the tokens it holds and the prompt, but always
-        evaluates at least the last prompt token to get fresh logits, unless it holds exactly
-        the prompt with its logits still current.
+        ``Llama.generate`` (0.3.x) keeps the longest common prefix of the tokens it holds and
+        the prompt, evaluating as little as the last prompt token, or none when it holds the
+        prompt with its logits current. A one-token batch rounds differently from the
+        evaluation of a whole prompt, so an earlier lease's prompt would change a greedy
+        reply: as the session engine does, the last two are always evaluated. Lowering
+        ``Llama.n_tokens`` to that prefix makes ``generate`` keep exactly it (it removes
+        the KV cells after it); where partial removal fails, it evaluates the whole prompt.
         """
         llama = self.llama
-        held = llama.input_ids[: llama.n_tokens].tolist()
-        if not held:
-            return len(prompt)
         common = 0
-        for a, b in zip(held, prompt, strict=False):
+        for a, b in zip(llama.input_ids[: llama.n_tokens].tolist(), prompt, strict=False):
             if a != b:
                 break
             common += 1
-        consumed = common == len(prompt)
-        if consumed and len(held) == len(prompt) and not getattr(llama, "_requires_eval", True):
-            return 0
-        keep = common - 1 if consumed else common
+        keep = min(common, len(prompt) - 2)
         if keep <= 0 or not self._partial_rm:
+            llama.n_tokens = 0  # nothing kept: generate() resets and evaluates it all
             return len(prompt)
+        llama.n_tokens = keep
         return len(prompt) - keep
 
 

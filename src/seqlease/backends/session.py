@@ -57,6 +57,7 @@ class SessionBackend(JobWorker):
             cache_tokens=context.cache_tokens,
             unified=bool(context.kv_unified),
             max_seq=max_sequences(lib),
+            n_batch=context.n_batch,
         )
         native_model = NativeModel(lib, model_path, model)
         try:

@@ -57,14 +57,24 @@ class KvLayout:
 
 
 def plan_layout(
-    *, sequences: int, n_ctx_seq: int, cache_tokens: int, unified: bool, max_seq: int
+    *,
+    sequences: int,
+    n_ctx_seq: int,
+    cache_tokens: int,
+    unified: bool,
+    max_seq: int,
+    n_batch: int,
 ) -> KvLayout:
-    """Fit the cache into what is left of ``max_seq`` ids (llama.cpp's limit) and the budget.
+    """Fit the cache into the ids ``max_seq`` and ``n_batch`` leave, and into the budget.
 
     A lease never waits for room the cache took: the leases' cells are counted in full first.
     Split streams round the budget down to whole streams (an entry there is one sequence).
+    llama.cpp aborts the process at context creation where ``n_seq_max > n_batch``
+    (``GGML_ASSERT(n_outputs_max <= cparams.n_outputs_max)``, 0.3.36): the cache takes only
+    the ids above ``sequences`` that ``n_batch`` leaves (none at ``n_batch == sequences``);
+    :class:`~seqlease.options.ContextOptions` refuses an ``n_batch`` below ``sequences``.
     """
-    spare_ids = max(0, max_seq - sequences)
+    spare_ids = max(0, min(max_seq, n_batch) - sequences)
     if unified:
         slots = min(spare_ids, MAX_CACHE_ENTRIES) if cache_tokens > 0 else 0
         budget = cache_tokens if slots else 0

@@ -13,9 +13,11 @@ from seqlease.checks import check_int, check_number, describe
 from seqlease.request.structured import grammar_text, logit_biases, logprob_counts
 from seqlease.request.text import check_stop
 
-__all__ = ["DEFAULTS", "SamplingKwargs", "SamplingParams", "sanitize"]
+__all__ = ["DEFAULTS", "GREEDY_BELOW", "SamplingKwargs", "SamplingParams", "sanitize"]
 
 _INT32_MAX = (1 << 31) - 1
+#: Below this, logits / temperature may overflow float32 (inf - inf: NaN); greedy anyway.
+GREEDY_BELOW = 1e-20
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ class SamplingKwargs(TypedDict, total=False):
 def sanitize(**kwargs: Unpack[SamplingKwargs]) -> SamplingParams:
     """Validate sampling arguments the way the seed note asks.
 
-    Non-finite floats (and a non-finite ``max_tokens``) fall back to the defaults;
+    Non-finite floats (and a non-finite ``max_tokens``) fall back to the defaults; a
+    temperature below :data:`GREEDY_BELOW` is 0 (greedy);
     out-of-range values raise ``ValueError`` saying the allowed range; unknown names raise
     ``TypeError``. ``json_schema`` (a dict or a pydantic model class) becomes the GBNF
     ``grammar``; a bad grammar or schema raises :class:`~seqlease.GrammarError` when the call
@@ -99,6 +102,8 @@ def sanitize(**kwargs: Unpack[SamplingKwargs]) -> SamplingParams:
     top_k, seed, stop = kwargs.get("top_k"), kwargs.get("seed"), kwargs.get("stop")
     if temp < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), not {temp}")
+    if temp < GREEDY_BELOW:
+        temp = 0.0
     if not 0 < p <= 1:
         raise ValueError(f"top_p must be in (0, 1], not {p}")
     if not 0 <= mp < 1:
