@@ -8,14 +8,18 @@ a regression fails a test instead of killing the test run.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import json
+import statistics
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jsonschema
@@ -72,8 +76,9 @@ HOSTILE: dict[str, dict[str, Any]] = {
     # Found while testing this file: a chain of rules crashed llguidance's compiler (SIGSEGV
     # on an 8 MiB thread stack) from about 3,000 rules or 5,000 $refs.
     "20,000 chained GBNF rules": {"grammar": chained_rules(20_000)},
-    "2,000 chained GBNF rules": {"grammar": chained_rules(1_998)},
-    "$ref chain of 5000 arrays": {"json_schema": ref_chain(5000)},
+    "1,000 chained GBNF rules": {"grammar": chained_rules(998)},
+    "2,000 chained GBNF rules": {"grammar": chained_rules(2_000)},
+    "$ref chain of 3000 arrays": {"json_schema": ref_chain(3000)},
     "$ref chain of 12000 arrays": {"json_schema": ref_chain(12_000)},
     "enum of 20k strings": {"json_schema": {"enum": [f"value {i}" for i in range(20_000)]}},
     "left recursion": {"grammar": 'root ::= root "a" | "a"'},
@@ -152,9 +157,10 @@ def test_no_hostile_grammar_crashes_or_stalls_the_process() -> None:
         assert "reply" in outcomes[name], (name, outcomes[name])
     assert set(json.loads(outcomes["pattern a{0,30000}"]["reply"])) <= {"a"}
     assert outcomes["array nested 5000 deep"].get("error")
-    for name in ("2,000 chained GBNF rules", "$ref chain of 5000 arrays", "left recursion"):
+    for name in ("1,000 chained GBNF rules", "$ref chain of 3000 arrays", "left recursion"):
         assert "reply" in outcomes[name], (name, outcomes[name])
-    assert "rules" in outcomes["20,000 chained GBNF rules"]["error"]
+    assert "rules" in outcomes["2,000 chained GBNF rules"]["error"]
+    assert "characters" in outcomes["20,000 chained GBNF rules"]["error"]
 
 
 @pytest.mark.timeout(TIMEOUT)
@@ -234,30 +240,72 @@ def test_schemas_the_old_path_got_wrong_now_hold(ctx: seqlease.Context, name: st
     assert ended >= 4, f"only {ended} of 6 replies ended"
 
 
-@pytest.mark.timeout(TIMEOUT)
-def test_a_hostile_caller_leaves_a_neighbours_reply_and_steps_alone() -> None:
-    """A greedy neighbour's text and step times, alone and beside a lease of hostile grammars."""
-    prompt = "The three most common colours of a car are"
-    with seqlease.Context(sequences=2, n_ctx=512, n_threads=1, backend="session") as ctx:
+NEIGHBOURS = [
+    "The three most common colours of a car are",
+    "A short poem about the sea:",
+    "List three fruits:",
+    "The capital of France is",
+    "Water boils at",
+    "Once upon a time, a small robot",
+    "The best way to learn Python is",
+]
 
-        def neighbour() -> tuple[str, list[float]]:
-            gaps: list[float] = []
-            with ctx.lease(timeout=TIMEOUT) as seq:
-                last = time.monotonic()
-                text = ""
-                for chunk in seq.generate(prompt, temperature=0, max_tokens=48):
-                    now = time.monotonic()
-                    gaps.append(now - last)
-                    last = now
-                    text += chunk
-            return text, gaps[1:]  # the first gap holds the prompt
 
-        alone, alone_gaps = neighbour()
+def _neighbours(ctx: seqlease.Context) -> list[str]:
+    """The neighbours' greedy texts, all seven generating at once."""
+
+    def one(prompt: str) -> str:
+        with ctx.lease(timeout=TIMEOUT) as seq:
+            return seq.generate(prompt, temperature=0, max_tokens=40).result().text
+
+    with ThreadPoolExecutor(len(NEIGHBOURS)) as pool:
+        return list(pool.map(one, NEIGHBOURS))
+
+
+class _Steps:
+    """Each engine step's length, from the probe's decode observer (the engine's own clock).
+
+    A step runs from its first ``llama_decode`` call to the next step's first. Steps that
+    evaluate a neighbour's prompt (more than two of its tokens) are left out: those are the
+    neighbours' own work, as large alone as beside anything.
+    """
+
+    def __init__(self, ctx: seqlease.Context) -> None:
+        self._probe = ctx.probe
+        self._starts: list[tuple[float, int, bool]] = []  # (time, step, a neighbour's prompt)
+        self.hostile_id = -1
+
+    def __call__(self, entries: list[Any]) -> None:
+        counts = collections.Counter(seq_id for _, _, seq_id, _ in entries)
+        prompt = any(n > 2 for seq_id, n in counts.items() if seq_id != self.hostile_id)
+        step = self._probe.steps
+        if self._starts and self._starts[-1][1] == step:
+            if prompt:
+                self._starts[-1] = (self._starts[-1][0], step, True)
+            return
+        self._starts.append((time.monotonic(), step, prompt))
+
+    def take(self) -> list[float]:
+        """The lengths of the decoding steps since the last call."""
+        starts, self._starts = self._starts, []
+        return [b[0] - a[0] for a, b in itertools.pairwise(starts) if not a[2]]
+
+
+@pytest.mark.timeout(TIMEOUT * 3)
+def test_seven_neighbours_keep_their_replies_and_step_times_beside_a_hostile_lease() -> None:
+    """7 greedy leases, alone and beside an 8th cycling through every hostile case."""
+    assert len(HOSTILE) >= 20
+    with seqlease.Context(sequences=8, n_ctx=2048, n_threads=1, backend="session") as ctx:
+        steps = _Steps(ctx)
+        ctx.probe.observe_decodes(steps)
+        alone = _neighbours(ctx)
+        alone_steps = steps.take()
         stop = threading.Event()
         tried: list[str] = []
 
         def hostile() -> None:
             with ctx.lease(timeout=TIMEOUT) as seq:
+                steps.hostile_id = seq.id
                 while not stop.is_set():
                     for name, kwargs in HOSTILE.items():
                         if stop.is_set():
@@ -268,18 +316,25 @@ def test_a_hostile_caller_leaves_a_neighbours_reply_and_steps_alone() -> None:
 
         thread = threading.Thread(target=hostile)
         thread.start()
+        runs = []
         try:
-            time.sleep(0.5)
-            beside, beside_gaps = neighbour()
+            # Beside it until it has been through every case at least once.
+            while len(runs) < 2 or len(set(tried)) < len(HOSTILE):
+                runs.append(_neighbours(ctx))
+                assert thread.is_alive() or stop.is_set()
+            beside_steps = steps.take()
         finally:
             stop.set()
             thread.join(TIMEOUT)
+            ctx.probe.observe_decodes(None)
         assert not thread.is_alive()
         assert settle(ctx).leased == 0
-    assert tried, "the hostile caller never got going"
-    assert beside == alone
-    median = sorted(alone_gaps)[len(alone_gaps) // 2]
-    print(f"step median alone {median * 1000:.1f} ms, worst beside {max(beside_gaps) * 1000:.1f}")
-    # A neighbour's step may double while a second sequence decodes; never more than that plus
-    # a scheduler tick on a busy 2-core box.
-    assert max(beside_gaps) < 4 * median + 0.05
+    assert set(tried) == set(HOSTILE)
+    assert all(run == alone for run in runs)
+    median = statistics.median(alone_steps)
+    print(
+        f"{len(runs)} runs beside {len(tried)} hostile replies: step median alone "
+        f"{median * 1000:.1f} ms, beside {statistics.median(beside_steps) * 1000:.1f} ms, "
+        f"worst beside {max(beside_steps) * 1000:.1f} ms"
+    )
+    assert max(beside_steps) <= 2 * median

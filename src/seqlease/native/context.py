@@ -19,6 +19,7 @@ from seqlease.errors import (
     NativeError,
     SeqleaseError,
 )
+from seqlease.native.library import holding_the_gil
 from seqlease.native.memory import MemoryOps
 from seqlease.native.model import NativeModel
 from seqlease.native.names import STATE_NEEDS, bound, missing
@@ -87,6 +88,7 @@ class NativeContext:
         # Our own budget: llama.cpp may round each stream up (to 256 cells), never down.
         self.n_ctx_seq = cells.n_ctx_seq
         self._batch = lib.llama_batch_init(self.n_batch, 0, n_seq_max)
+        self._logits_ith = holding_the_gil(lib, lib.llama_get_logits_ith)  # once per reply a step
         #: Called with each batch before it is decoded: a test hook (``ctx.probe``).
         self.observer: Callable[[list[BatchEntry]], None] | None = None
         # Older families have no usable seq_pos_max: track the highest position ourselves.
@@ -289,7 +291,7 @@ class NativeContext:
 
     def logits(self, index: int) -> Any:
         """Pointer to the logits of batch row ``index`` of the last decode."""
-        return self._lib.llama_get_logits_ith(self.ptr, index)
+        return self._logits_ith(self.ptr, index)
 
     def logit_row(self, index: int) -> Any:
         """The logits of batch row ``index`` as a NumPy view, valid until the next decode.

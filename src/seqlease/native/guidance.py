@@ -40,14 +40,16 @@ __all__ = [
 ]
 
 #: The longest grammar or JSON Schema text accepted (characters). The largest real schemas seen
-#: (OpenAPI tool sets) are under 100 kB; llguidance rejects far smaller grammars as too big
-#: anyway, and this bound keeps the Python-side conversion of a hostile text short.
-MAX_GRAMMAR_CHARS = 1_000_000
+#: (OpenAPI tool sets) are under 100 kB. Compiling runs on the caller's thread but in this
+#: process, and a busy Python thread slows the engine's steps through the GIL: a 950 kB
+#: schema (a chain of 12,000 ``$ref``s) took 0.6 s to compile and made neighbours' steps 2x
+#: longer meanwhile (measured); at this bound the worst took a quarter of that.
+MAX_GRAMMAR_CHARS = 250_000
 
 #: The most rules a GBNF grammar may define. llguidance's converter is pure Python and
-#: quadratic in rules, holding the GIL (3,000 rules: 0.34 s, 10,000: 3.2 s, measured); grammars
+#: quadratic in rules, holding the GIL (1,000 rules: 0.04 s, 10,000: 3.2 s, measured); grammars
 #: people write have tens, and a JSON Schema goes through ``json_schema=`` instead.
-MAX_GBNF_RULES = 2_000
+MAX_GBNF_RULES = 1_000
 
 _RULE = re.compile(r"^[ \t]*[A-Za-z0-9_-]+[ \t]*::=", re.MULTILINE)
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
-__all__ = ["LLAMA_LOGGER", "binding_version", "llama_log_lines", "load_library"]
+__all__ = ["LLAMA_LOGGER", "binding_version", "holding_the_gil", "llama_log_lines", "load_library"]
 
 #: llama.cpp's own log lines go here. Quiet by default: the ``seqlease`` logger has a NullHandler.
 LLAMA_LOGGER = logging.getLogger("seqlease.llama")
@@ -90,6 +90,33 @@ def load_library() -> ModuleType:
                 lib.llama_log_set(_log_callback, None)
         _lib = lib
         return lib
+
+
+_held: dict[str, Any] = {}
+
+
+def holding_the_gil(lib: ModuleType, fn: Any) -> Any:
+    """``fn`` (a function of ``lib``) called without letting go of the GIL.
+
+    For the calls the engine makes per token, which return in microseconds. ctypes releases
+    the GIL around every call, and taking it back waits for whichever Python thread holds it,
+    up to the 5 ms switch interval: with seven leases' few dozen such calls a step, one busy
+    Python thread (a caller compiling a large schema, the server parsing a body) doubled the
+    step (49 to 99 ms, measured). ``llama_decode`` keeps letting go: other threads run while
+    it works. A binding without its ``CDLL`` in reach gets ``fn`` back as it is.
+    """
+    name = getattr(fn, "__name__", None)
+    cdll = getattr(lib, "_lib", None)
+    if not isinstance(name, str) or not isinstance(cdll, ctypes.CDLL):
+        return fn
+    with _lock:
+        held = _held.get(name)
+        if held is None:
+            held = getattr(ctypes.PyDLL(cdll._name, handle=cdll._handle), name)
+            held.argtypes = fn.argtypes
+            held.restype = fn.restype
+            _held[name] = held
+    return held
 
 
 class _ThreadLines(logging.Handler):

@@ -15,6 +15,7 @@ from typing import Any
 from seqlease.errors import ContextClosedError, ModelLoadError
 from seqlease.model_path import check_model_file
 from seqlease.native.guidance import Constraint, tokenizer_from
+from seqlease.native.library import holding_the_gil
 from seqlease.native.names import bound
 from seqlease.native.params import KvShape, model_params
 from seqlease.options import ModelOptions
@@ -92,7 +93,9 @@ class NativeModel:
         # the same calls took the model itself (llama-cpp-python 0.2.x, for one).
         get_vocab = getattr(lib, "llama_model_get_vocab", None)
         self._vocab: Any = get_vocab(ptr) if get_vocab is not None else ptr
-        self._is_eog = bound(lib, "end-of-generation test")
+        # Both are called for every token on the engine thread.
+        self._is_eog = holding_the_gil(lib, bound(lib, "end-of-generation test"))
+        self._token_to_piece = holding_the_gil(lib, lib.llama_token_to_piece)
         self.n_vocab: int = int(bound(lib, "vocabulary size")(self._vocab))
         self.n_ctx_train: int = int(bound(lib, "training context size")(ptr))
         self.bos: int = int(bound(lib, "BOS token")(self._vocab))
@@ -146,10 +149,10 @@ class NativeModel:
         with self._lock:
             vocab = self._live_vocab()
             buf = ctypes.create_string_buffer(64)
-            n = self._lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+            n = self._token_to_piece(vocab, token, buf, len(buf), 0, special)
             if n < 0:
                 buf = ctypes.create_string_buffer(-n)
-                n = self._lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+                n = self._token_to_piece(vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
 
     def detokenize(self, tokens: list[int], *, special: bool = False) -> str:

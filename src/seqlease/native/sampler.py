@@ -10,6 +10,7 @@ from typing_extensions import Self
 
 from seqlease.errors import SeqleaseError
 from seqlease.native.guidance import Constraint
+from seqlease.native.library import holding_the_gil
 
 if TYPE_CHECKING:
     from seqlease.native.context import NativeContext
@@ -32,6 +33,9 @@ class SamplerChain:
         """An empty chain that samples from ``context``'s logits."""
         self._lib = lib
         self._context = context
+        # Called for every token on the engine thread (see holding_the_gil).
+        self._sample = holding_the_gil(lib, lib.llama_sampler_sample)
+        self._accept = holding_the_gil(lib, lib.llama_sampler_accept)
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         if not chain:
             raise SeqleaseError("llama.cpp could not create a sampler chain")
@@ -106,16 +110,16 @@ class SamplerChain:
         """
         grammar = self._grammar
         if grammar is None:
-            return int(self._lib.llama_sampler_sample(self._ptr, self._context.ptr, row))
+            return int(self._sample(self._ptr, self._context.ptr, row))
         # llama_sampler_sample reads the very logits the grammar has just masked.
         grammar.restrict(self._context.logit_row(row))
-        token = int(self._lib.llama_sampler_sample(self._ptr, self._context.ptr, row))
+        token = int(self._sample(self._ptr, self._context.ptr, row))
         grammar.accept(token)
         return token
 
     def accept(self, token: int) -> None:
         """Feed a token the model did not sample (a prompt token) to the penalty history."""
-        self._lib.llama_sampler_accept(self._ptr, token)
+        self._accept(self._ptr, token)
 
     def close(self) -> None:
         """Free the chain and every stage in it; idempotent."""
