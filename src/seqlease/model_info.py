@@ -94,6 +94,11 @@ class ModelInfo:
         return self._native.control_tokens
 
     @functools.cached_property
+    def max_piece_bytes(self) -> int:
+        """The longest text one token stands for, in bytes (one pass over the vocabulary)."""
+        return max(len(self.token_to_piece(t, special=True)) for t in range(self.n_vocab))
+
+    @functools.cached_property
     def bos_tokens(self) -> tuple[int, ...]:
         """What ``add_bos=True`` puts before a text: ``(bos,)`` or ``()`` (the model says)."""
         return tuple(t for t in self.tokenize("", add_bos=True) if t == self.bos >= 0)

@@ -205,7 +205,7 @@ class Sequence:
         if abort is not None:
             check_callable("abort", abort, "is_set")
         model = self._backend.model_info
-        tokens = prompt_tokens(prompt, model)
+        tokens = prompt_tokens(prompt, model, self.n_ctx)
         return tokens, check_for_model(model, params)
 
     def _start(

@@ -21,7 +21,7 @@ from seqlease.errors import (
 from seqlease.persist.sequence_state import IncompatibleState
 from seqlease.request.job import Result
 from seqlease.request.params import SamplingParams, sanitize
-from seqlease.request.prompt import common_prefix, prompt_text
+from seqlease.request.prompt import check_text_fits, common_prefix, prompt_text
 from seqlease.sequence import Sequence
 
 __all__ = ["ChatSession", "Overflow"]
@@ -290,6 +290,7 @@ class ChatSession:
     def _window(self, text: str, params: SamplingParams) -> tuple[list[int], int]:
         """The prompt of a turn saying ``text``, and how many old messages it leaves out."""
         n_ctx = self._seq.n_ctx
+        check_text_fits(len(text), self._model, n_ctx)  # no trimming makes room for that
         head, turns = self._split()
         user = {"role": "user", "content": text}
         trimmed = self._trimmed

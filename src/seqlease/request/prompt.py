@@ -9,10 +9,27 @@ from typing import Protocol
 from seqlease.checks import check_text, describe
 from seqlease.errors import ContextOverflowError, EmptyPromptError
 
-__all__ = ["Tokenizer", "check_prompt", "common_prefix", "prompt_text", "prompt_tokens"]
+__all__ = [
+    "PieceSizes",
+    "Tokenizer",
+    "check_prompt",
+    "check_text_fits",
+    "common_prefix",
+    "prompt_text",
+    "prompt_tokens",
+]
 
 
-class Tokenizer(Protocol):
+class PieceSizes(Protocol):
+    """What the length check before tokenizing needs of a model."""
+
+    @property
+    def max_piece_bytes(self) -> int:
+        """The longest text one token stands for, in bytes."""
+        ...
+
+
+class Tokenizer(PieceSizes, Protocol):
     """What prompt checking needs of a model."""
 
     @property
@@ -23,6 +40,23 @@ class Tokenizer(Protocol):
     def tokenize(self, text: str, *, special: bool = False, add_bos: bool = True) -> list[int]:
         """Token ids of ``text`` (``special``: control-token text becomes control tokens)."""
         ...
+
+
+def check_text_fits(text_length: int, model: PieceSizes, n_ctx: int) -> None:
+    """Refuse text of ``text_length`` characters that cannot fit ``n_ctx`` tokens, untokenized.
+
+    Tokenizing holds a thread for as long as the text is (a second for 10 MB, measured), so a
+    prompt that cannot fit is refused from its length alone: no token stands for more than
+    ``max_piece_bytes`` bytes, nor a character for less than one byte. Half that bound, in
+    case a tokenizer's normalization drops characters.
+    """
+    least = text_length // (2 * max(1, model.max_piece_bytes))
+    if least >= n_ctx:
+        raise ContextOverflowError(
+            f"the prompt is {text_length:,} characters, at least {least:,} tokens, and a "
+            f"sequence holds n_ctx={n_ctx} tokens: shorten the prompt or create the Context "
+            "with a larger n_ctx"
+        )
 
 
 def prompt_text(name: str, text: object) -> str:
@@ -41,16 +75,21 @@ def prompt_text(name: str, text: object) -> str:
     return text
 
 
-def prompt_tokens(prompt: object, model: Tokenizer) -> list[int]:
+def prompt_tokens(prompt: object, model: Tokenizer, n_ctx: int | None = None) -> list[int]:
     """``prompt`` (text, or token ids) as a list of token ids inside the vocabulary.
+
+    ``n_ctx``: text that cannot fit is refused before it is tokenized (:func:`check_text_fits`).
 
     Raises:
         TypeError: not a ``str`` nor an iterable of integers (bytes, floats, None, ...).
         EmptyPromptError: empty, or whitespace-only text.
         ValueError: a token id outside the vocabulary, or text that is not valid Unicode.
+        ContextOverflowError: text far too long for ``n_ctx``.
 
     """
     if isinstance(prompt, str):
+        if n_ctx is not None:
+            check_text_fits(len(prompt), model, n_ctx)
         return model.tokenize(prompt_text("prompt", prompt), special=True)
     if isinstance(prompt, (bytes, bytearray, memoryview, Mapping)) or not isinstance(
         prompt, Iterable

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from seqlease.request.params import SamplingParams
 
 __all__ = [
+    "MAX_LOGIT_BIAS",
     "MAX_TOP_LOGPROBS",
     "GrammarChecker",
     "check_for_model",
@@ -85,18 +86,28 @@ def _schema_mapping(json_schema: object) -> Mapping[str, Any]:
     )
 
 
+#: The most ``logit_bias`` entries accepted: checked on the caller's thread, and biased at every
+#: token of the reply on the engine thread. Banning every end-of-turn token takes a few.
+MAX_LOGIT_BIAS = 1024
+
+
 def logit_biases(value: object) -> tuple[tuple[int, float], ...]:
     """``{token id: bias}`` as sorted pairs; biases must be finite (ids are checked later).
 
     Raises:
         TypeError: not a mapping of ints to numbers.
-        ValueError: a negative id or a non-finite bias.
+        ValueError: a negative id, a non-finite bias, or more than :data:`MAX_LOGIT_BIAS`.
 
     """
     if value is None:
         return ()
     if not isinstance(value, Mapping):
         raise TypeError(f"logit_bias must be a mapping of token id to bias, not {describe(value)}")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise ValueError(
+            f"logit_bias has {len(value):,} entries, more than the {MAX_LOGIT_BIAS} accepted: "
+            "bias fewer tokens, or constrain the reply with a grammar"
+        )
     pairs: list[tuple[int, float]] = []
     for token, bias in value.items():
         # JSON object keys are strings: "15339" is a token id too.

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import codecs
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 
 from seqlease.checks import check_text, describe
 
-__all__ = ["USER_TURN_MARKERS", "TextAssembler", "check_stop", "trim_at_stop"]
+__all__ = [
+    "MAX_STOPS",
+    "MAX_STOP_CHARS",
+    "USER_TURN_MARKERS",
+    "TextAssembler",
+    "check_stop",
+    "trim_at_stop",
+]
 
 #: The seed note's stop markers: the start of a user turn, never the assistant's.
 USER_TURN_MARKERS = ("USER:", "\nUSER:", "\n\nUSER:")
@@ -22,16 +30,37 @@ def trim_at_stop(text: str, stop: str | Sequence[str]) -> str:
     return _trim(text, check_stop(stop, allow_empty=True))
 
 
+#: At most this many stop strings of at most this many characters. Every reply's text is
+#: checked against each of them at every token on the engine thread, which every lease shares;
+#: OpenAI takes 4 and real callers a handful.
+MAX_STOPS = 32
+MAX_STOP_CHARS = 500
+
+
 def check_stop(stop: object, *, allow_empty: bool) -> tuple[str, ...]:
-    """Stop markers as a tuple of strings: one ``str`` is one marker, ``None`` is none."""
+    """Stop markers as a tuple of strings: one ``str`` is one marker, ``None`` is none.
+
+    Raises:
+        TypeError: not a str or an iterable of str.
+        ValueError: more than :data:`MAX_STOPS` markers, one longer than
+            :data:`MAX_STOP_CHARS`, or one that is not valid text.
+
+    """
     if stop is None:
         return ()
     markers = (stop,) if isinstance(stop, str) else stop
     if isinstance(markers, (bytes, Mapping)) or not isinstance(markers, Iterable):
         raise TypeError(f"stop must be a str or a sequence of str, not {describe(stop)}")
-    found = tuple(markers)
+    found = tuple(itertools.islice(markers, MAX_STOPS + 1))
+    if len(found) > MAX_STOPS:
+        raise ValueError(f"stop takes at most {MAX_STOPS} strings: send fewer")
     for marker in found:
         check_text("stop", marker, allow_empty=allow_empty)
+        if len(marker) > MAX_STOP_CHARS:
+            raise ValueError(
+                f"a stop string is {len(marker):,} characters, more than the {MAX_STOP_CHARS} "
+                "accepted: stop at a shorter marker"
+            )
     return found
 
 

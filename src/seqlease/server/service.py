@@ -29,7 +29,7 @@ from seqlease.errors import (
 )
 from seqlease.request.job import Result
 from seqlease.request.params import SamplingParams, sanitize
-from seqlease.request.prompt import check_prompt, prompt_tokens
+from seqlease.request.prompt import check_prompt, check_text_fits, prompt_tokens
 from seqlease.request.stream import AsyncGeneration
 from seqlease.request.structured import check_for_model
 from seqlease.sequence import Sequence
@@ -72,10 +72,16 @@ class Service:
     def prepare_chat(self, body: ChatCompletionRequest) -> Prepared:
         """The chat's prompt (the model's template) and sampling, or a 400 saying why not."""
         messages = [message.plain() for message in body.messages]
+        text = sum(len(m["content"]) for m in messages)
         stop = self.template.stops(body.stops())  # the template's end of turn, and the caller's
         schema = body.response_format.reply_schema() if body.response_format else None
+
+        def tokenize() -> list[int]:
+            check_text_fits(text, self.model, self.ctx.n_ctx)
+            return self.template.tokenize(self.model, messages)
+
         return self._prepare(
-            lambda: self.template.tokenize(self.model, messages),
+            tokenize,
             body.limit,
             ReplyFormat("chat", self.model_id),
             body.stream,
@@ -90,7 +96,7 @@ class Service:
     def prepare_completion(self, body: CompletionRequest) -> Prepared:
         """The raw prompt and sampling of a legacy completion, or a 400 saying why not."""
         return self._prepare(
-            lambda: prompt_tokens(body.text_or_tokens(), self.model),
+            lambda: prompt_tokens(body.text_or_tokens(), self.model, self.ctx.n_ctx),
             body.max_tokens,
             ReplyFormat("completion", self.model_id),
             body.stream,
