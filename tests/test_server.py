@@ -11,11 +11,14 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import h11
 import httpx
 import jsonschema
 import openai
@@ -657,25 +660,114 @@ def test_a_missing_model_is_one_line_and_exit_1(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.timeout(STARTUP_TIMEOUT + SHUTDOWN_TIMEOUT + 30)
-def test_shutdown_lets_a_running_stream_finish_then_exits_0(tmp_path):
-    with serving(_command("--shutdown-timeout", "20"), tmp_path / "log", ready="/health",
-                 env={}) as srv:  # fmt: skip
+def _a_stream_finishes_through_a_shutdown_for(sig: signal.Signals, log: Path) -> None:
+    """``sig`` mid-stream: the stream runs to its end, then the server exits 0, cleanly."""
+    with serving(_command("--shutdown-timeout", "20"), log, ready="/health", env={}) as srv:
         body = {**_long_body(True), "max_tokens": 40}
         url = f"{srv.url}/v1/chat/completions"
         with httpx.Client(timeout=30) as c, c.stream("POST", url, json=body) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: {")
-            srv.proc.send_signal(signal.SIGINT)
+            srv.proc.send_signal(sig)
             rest = list(lines)
         events = [line for line in rest if line]
         assert events[-1] == "data: [DONE]"
         assert json.loads(events[-2][len("data: ") :])["choices"][0]["finish_reason"] == "length"
-        # The one SIGINT is enough: a second would force the exit.
+        # The one signal is enough: a second SIGINT would force the exit.
         assert srv.proc.wait(SHUTDOWN_TIMEOUT) == 0
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{srv.url}/health", timeout=2)
     assert_shut_down_cleanly(srv)
+
+
+@pytest.mark.timeout(STARTUP_TIMEOUT + SHUTDOWN_TIMEOUT + 30)
+def test_shutdown_lets_a_running_stream_finish_then_exits_0(tmp_path):
+    _a_stream_finishes_through_a_shutdown_for(signal.SIGINT, tmp_path / "log")
+
+
+@pytest.mark.timeout(STARTUP_TIMEOUT + SHUTDOWN_TIMEOUT + 30)
+def test_sigterm_shuts_down_as_ctrl_c_does_and_exits_0(tmp_path):
+    # Uvicorn raised the SIGTERM again once it had shut down: the default handler ended the
+    # process with -15, before serve's own exit ran.
+    _a_stream_finishes_through_a_shutdown_for(signal.SIGTERM, tmp_path / "log")
+
+
+def _post_half_closed(url: str, body: dict) -> tuple[int | None, bytes]:
+    """POST ``body`` on a raw socket, shut down its sending side, read the reply to its end.
+
+    The status (``None`` unless the whole reply came) and the body, de-chunked.
+    """
+    address = httpx.URL(url)
+    client = h11.Connection(h11.CLIENT)
+    payload = json.dumps(body).encode()
+    headers = [("host", address.netloc.decode()), ("content-type", "application/json"),
+               ("content-length", str(len(payload)))]  # fmt: skip
+    request = h11.Request(method="POST", target="/v1/chat/completions", headers=headers)
+    # The timeout bounds every blocking call: a server that never answers fails the test.
+    with socket.create_connection((address.host, address.port), timeout=30) as sock:
+        for event in (request, h11.Data(data=payload), h11.EndOfMessage()):
+            sock.sendall(client.send(event))
+        sock.shutdown(socket.SHUT_WR)
+        while chunk := sock.recv(65536):
+            client.receive_data(chunk)
+    client.receive_data(b"")
+    status, content = None, b""
+    try:
+        while not isinstance(event := client.next_event(), h11.EndOfMessage):
+            if isinstance(event, h11.Response):  # after any interim (1xx) responses
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                content += event.data
+    except h11.RemoteProtocolError:  # the connection ended before the reply did
+        return None, content
+    return status, content
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_client_that_half_closes_its_socket_gets_its_reply(server, stream):
+    # Uvicorn took the EOF of shutdown(SHUT_WR) for a hang-up and closed the connection: the
+    # client got no response at all.
+    body = {"model": "any", "messages": [{"role": "user", "content": "Say hello."}],
+            "max_tokens": 4, "temperature": 0, "stream": stream}  # fmt: skip
+    status, content = _post_half_closed(server.url, body)
+    assert status == 200, content
+    if stream:
+        events = [line.removeprefix("data: ") for line in content.decode().splitlines() if line]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(event)["choices"][0] for event in events[:-1]]
+        text = "".join(chunk["delta"].get("content") or "" for chunk in chunks)
+        reason = chunks[-1]["finish_reason"]
+    else:
+        choice = json.loads(content)["choices"][0]
+        text, reason = choice["message"]["content"], choice["finish_reason"]
+    whole = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "stream": False},
+                       timeout=30).json()["choices"][0]  # fmt: skip
+    assert (text, reason) == (whole["message"]["content"], "length")
+    assert _idle(server.url)["busy"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_half_closed_client_that_then_hangs_up_frees_its_sequence(server):
+    # Its half-close already drew an interim response, read: only a later probe finds it gone.
+    before = _metrics(server.url)
+    address = httpx.URL(server.url)
+    payload = json.dumps(_long_body(False)).encode()
+    with socket.create_connection((address.host, address.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(payload), payload))  # fmt: skip
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 100 ")
+        deadline = time.monotonic() + 5
+        while _health(server.url)["busy"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the reply takes its sequence
+        assert _health(server.url)["busy"] == 1
+    hung_up = time.monotonic()
+    assert _idle(server.url, timeout=5)["busy"] == 0
+    assert time.monotonic() - hung_up < 3  # a probe a second; allow for a loaded machine
+    key = 'seqlease_requests_total{endpoint="/v1/chat/completions",status="499"}'
+    assert _metrics(server.url).get(key, 0) == before.get(key, 0) + 1
 
 
 def test_hostile_response_formats_get_a_reply_or_a_400_and_the_server_serves_on(server, client):

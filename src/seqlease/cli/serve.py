@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 
 from seqlease.cli.common import (
@@ -67,6 +68,7 @@ def _handle(args: argparse.Namespace) -> int:
         import uvicorn
 
         from seqlease.server import create_app
+        from seqlease.server.streaming import HalfCloseH11Protocol
     except ImportError as exc:
         print(style.bad(str(exc)), file=sys.stderr)
         return 2
@@ -77,16 +79,22 @@ def _handle(args: argparse.Namespace) -> int:
     app = create_app(ctx, queue_timeout=args.queue_timeout)
     config = uvicorn.Config(
         app,
+        http=HalfCloseH11Protocol,
         host=args.host,
         port=args.port,
         timeout_graceful_shutdown=max(1, math.ceil(args.shutdown_timeout)),
         log_level="info",
     )
     server = uvicorn.Server(config)
+    # Uvicorn shuts down for SIGTERM as for Ctrl-C, then raises the signal again for the
+    # handler it found: the default one would kill the process (-15) before the lines below.
+    # As Ctrl-C's does, this one raises KeyboardInterrupt.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.run()
     except KeyboardInterrupt:
-        pass  # uvicorn re-raises the Ctrl-C it shut down for: a graceful stop is exit 0
+        pass  # uvicorn re-raises the signal it shut down for: a graceful stop is exit 0
     finally:
+        signal.signal(signal.SIGTERM, previous)
         ctx.close(timeout=0)  # already closed by the app's shutdown, unless it never started
     return 0 if server.started else 1
