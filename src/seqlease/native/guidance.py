@@ -139,10 +139,11 @@ def schema_grammar(schema: Mapping[str, Any]) -> str:
 
 
 _MAX_INTEGER = 10**15 - 1
+_FRACTION = 1e-10
 
 
 def _closed(node: Any, *, in_all_of: bool = False) -> Any:
-    """``node`` closed where an object lists its properties, and with integers of 15 digits.
+    """``node`` closed where an object lists its properties, with numbers of bounded digits.
 
     The one walk over the schema: it also refuses a ``$ref`` outside the schema (nothing is
     fetched, from a server that takes schemas from its clients).
@@ -171,13 +172,16 @@ def _closed(node: Any, *, in_all_of: bool = False) -> Any:
     open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties")
     if "properties" in out and not in_all_of and not any(k in out for k in open_keys):
         out["additionalProperties"] = False
-    if out.get("type") == "integer":
-        # At most 15 digits, as llama.cpp's converter writes them: a small model sampling an
-        # unbounded integer can run on in digits until max_tokens.
+    if out.get("type") in ("integer", "number"):
+        # At most 15 digits before the point and 10 after, near what llama.cpp's converter
+        # writes (15 and 16): a small model sampling an unbounded number can run on in digits
+        # until max_tokens ("-0.99999..."); llguidance takes no finer multipleOf than 1e-10.
         if "minimum" not in out and "exclusiveMinimum" not in out:
             out["minimum"] = -_MAX_INTEGER
         if "maximum" not in out and "exclusiveMaximum" not in out:
             out["maximum"] = _MAX_INTEGER
+        if out["type"] == "number" and "multipleOf" not in out:
+            out["multipleOf"] = _FRACTION
     return out
 
 
