@@ -73,7 +73,10 @@ class Service:
         """The chat's prompt (the model's template) and sampling, or a 400 saying why not."""
         messages = [message.plain() for message in body.messages]
         text = sum(len(m["content"]) for m in messages)
-        stop = self.template.stops(body.stops())  # the template's end of turn, and the caller's
+        try:
+            stop = self.template.stops(body.stops())  # the template's end of turn, the caller's
+        except ValueError as exc:  # too many or too long
+            raise ApiError.bad_input(exc) from exc
         schema = body.response_format.reply_schema() if body.response_format else None
 
         def tokenize() -> list[int]:
