@@ -112,7 +112,6 @@ def _combined(children: st.SearchStrategy[Schema]) -> st.SearchStrategy[Schema]:
                 [
                     {"allOf": [{"type": "integer", "minimum": lo}, {"maximum": hi}]},
                     {"allOf": [{"type": "string", "maxLength": 8}, {"minLength": min(lo, 8) % 4}]},
-                    {"allOf": [draw(_object(LEAVES)), {"type": "object"}]},
                 ]
             )
         )

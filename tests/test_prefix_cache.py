@@ -338,7 +338,9 @@ def test_with_sharing_off_nobody_waits_for_a_reader() -> None:
     memory, _ = resolve_memory_api(lib)
     assert memory is not None
     model = NativeModel(lib, tiny_model_path())
-    layout = plan_layout(sequences=2, n_ctx_seq=256, cache_tokens=256, unified=False, max_seq=8)
+    layout = plan_layout(
+        sequences=2, n_ctx_seq=256, cache_tokens=256, unified=False, max_seq=8, n_batch=512
+    )
     native = native_context(
         lib, model, memory, n_seq_max=0, n_ctx_seq=256, n_batch=64, unified=False, layout=layout
     )
