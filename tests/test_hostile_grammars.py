@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import itertools
 import json
 import statistics
@@ -20,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -285,21 +287,39 @@ class _Steps:
             return
         self._starts.append((time.monotonic(), step, prompt))
 
-    def take(self) -> list[float]:
-        """The lengths of the decoding steps since the last call."""
+    def take(self) -> list[tuple[float, float]]:
+        """When each decoding step since the last call began and ended."""
         starts, self._starts = self._starts, []
-        return [b[0] - a[0] for a, b in itertools.pairwise(starts) if not a[2]]
+        return [(a[0], b[0]) for a, b in itertools.pairwise(starts) if not a[2]]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="the 2x step bound held alone (worst 72-77 ms of a 49 ms median) but not once in "
-    "the full CI run (146 ms of a 47 ms median): to be found",
-)
-@pytest.mark.timeout(TIMEOUT * 3)
-def test_seven_neighbours_keep_their_replies_and_step_times_beside_a_hostile_lease() -> None:
+class _FullCollections:
+    """When Python's full garbage collections ran (``gc.callbacks``), in any thread.
+
+    One holds the GIL for tens of milliseconds (35 ms measured in a fresh process here),
+    whoever's allocations set it off: a pause of the interpreter, not of the engine.
+    """
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[float, float]] = []
+        self._began = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._began = time.monotonic()
+        else:
+            self.spans.append((self._began, time.monotonic()))
+
+    def overlaps(self, step: tuple[float, float]) -> bool:
+        return any(a < step[1] and step[0] < b for a, b in self.spans)
+
+
+def measure_beside_hostile() -> dict[str, Any]:
     """7 greedy leases, alone and beside an 8th cycling through every hostile case."""
-    assert len(HOSTILE) >= 20
+    collections_seen = _FullCollections()
+    gc.callbacks.append(collections_seen)
     with seqlease.Context(sequences=8, n_ctx=2048, n_threads=1, backend="session") as ctx:
         steps = _Steps(ctx)
         ctx.probe.observe_decodes(steps)
@@ -325,21 +345,56 @@ def test_seven_neighbours_keep_their_replies_and_step_times_beside_a_hostile_lea
         try:
             # Beside it until it has been through every case at least once.
             while len(runs) < 2 or len(set(tried)) < len(HOSTILE):
+                assert thread.is_alive(), "the hostile caller died"
                 runs.append(_neighbours(ctx))
-                assert thread.is_alive() or stop.is_set()
             beside_steps = steps.take()
         finally:
             stop.set()
             thread.join(TIMEOUT)
             ctx.probe.observe_decodes(None)
         assert not thread.is_alive()
-        assert settle(ctx).leased == 0
-    assert set(tried) == set(HOSTILE)
-    assert all(run == alone for run in runs)
-    median = statistics.median(alone_steps)
-    print(
-        f"{len(runs)} runs beside {len(tried)} hostile replies: step median alone "
-        f"{median * 1000:.1f} ms, beside {statistics.median(beside_steps) * 1000:.1f} ms, "
-        f"worst beside {max(beside_steps) * 1000:.1f} ms"
+        leased = settle(ctx).leased
+    gc.callbacks.remove(collections_seen)
+
+    def lengths(spans: list[tuple[float, float]]) -> list[float]:
+        return [b - a for a, b in spans if not collections_seen.overlaps((a, b))]
+
+    return {
+        "alone": alone,
+        "runs": runs,
+        "tried": tried,
+        "leased": leased,
+        "alone_steps": lengths(alone_steps),
+        "beside_steps": lengths(beside_steps),
+        "steps_in_a_collection": sum(map(collections_seen.overlaps, beside_steps)),
+    }
+
+
+@pytest.mark.timeout(TIMEOUT * 3)
+def test_seven_neighbours_keep_their_replies_and_step_times_beside_a_hostile_lease() -> None:
+    # In a process of its own, as an application runs: the heap a thousand earlier tests
+    # leave makes each full garbage collection longer. Steps a collection fell into are left
+    # out (and counted): an interpreter-wide pause, whichever thread's allocations set it off.
+    assert len(HOSTILE) >= 20
+    code = "import json, test_hostile_grammars as t; print(json.dumps(t.measure_beside_hostile()))"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 2,
+        cwd=str(Path(__file__).parent),
     )
-    assert max(beside_steps) <= 2 * median
+    assert done.returncode == 0, f"the child failed ({done.returncode}): {done.stderr[-3000:]}"
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert seen["leased"] == 0
+    assert set(seen["tried"]) == set(HOSTILE)
+    assert all(run == seen["alone"] for run in seen["runs"])
+    median = statistics.median(seen["alone_steps"])
+    worst = max(seen["beside_steps"])
+    print(
+        f"{len(seen['runs'])} runs beside {len(seen['tried'])} hostile replies: step median "
+        f"alone {median * 1000:.1f} ms, beside "
+        f"{statistics.median(seen['beside_steps']) * 1000:.1f} ms, worst beside "
+        f"{worst * 1000:.1f} ms; {seen['steps_in_a_collection']} steps met a full collection"
+    )
+    assert worst <= 2 * median

@@ -114,7 +114,6 @@ _JSON_OPTIONS: Any = {
 }
 
 
-@_on_deep_stack
 def schema_grammar(schema: Mapping[str, Any]) -> str:
     """The llguidance grammar for a JSON Schema, checked (no model needed).
 
@@ -131,6 +130,17 @@ def schema_grammar(schema: Mapping[str, Any]) -> str:
     except (TypeError, ValueError) as exc:
         raise GrammarError(f"json_schema is not JSON-serialisable: {_short(exc)}") from exc
     _check_size("json_schema", text)
+    return _schema_text_grammar(text)
+
+
+#: Converted grammars kept by their text: a server gets the same response format again and
+#: again, and each conversion costs a thread and up to a few hundred milliseconds.
+_CONVERTED_KEPT = 32
+
+
+@functools.lru_cache(maxsize=_CONVERTED_KEPT)
+@_on_deep_stack
+def _schema_text_grammar(text: str) -> str:
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults=_JSON_OPTIONS)
     except ValueError as exc:
@@ -185,6 +195,7 @@ def _closed(node: Any, *, in_all_of: bool = False) -> Any:
     return out
 
 
+@functools.lru_cache(maxsize=_CONVERTED_KEPT)
 @_on_deep_stack
 def gbnf_grammar(text: str) -> str:
     """The llguidance grammar for GBNF ``text`` (llama.cpp's grammar syntax), checked.

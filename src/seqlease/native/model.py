@@ -174,24 +174,17 @@ class NativeModel:
         in text even without ``parse_special``, so those are text. One pass over the
         vocabulary (tens of milliseconds), once per model.
         """
-        attr = bound(self._lib, "token attributes")
-        special = self._lib.LLAMA_TOKEN_ATTR_CONTROL | self._lib.LLAMA_TOKEN_ATTR_UNKNOWN
+        attr, lib = bound(self._lib, "token attributes"), self._lib
+        special = lib.LLAMA_TOKEN_ATTR_CONTROL | lib.LLAMA_TOKEN_ATTR_UNKNOWN
         with self._lock:
             vocab = self._live_vocab()
-            ids = [t for t in range(self.n_vocab) if attr(vocab, t) & special]
-            attrs = {t: int(attr(vocab, t)) for t in ids}
+            attrs = {t: a for t in range(self.n_vocab) if (a := int(attr(vocab, t))) & special}
         found = []
-        for t in ids:
+        for t, a in attrs.items():
             text = self.token_to_piece(t, special=True).decode("utf-8", "replace")
             if text:
-                found.append(
-                    ControlToken(
-                        text,
-                        t,
-                        bool(attrs[t] & self._lib.LLAMA_TOKEN_ATTR_LSTRIP),
-                        bool(attrs[t] & self._lib.LLAMA_TOKEN_ATTR_RSTRIP),
-                    )
-                )
+                lstrip, rstrip = lib.LLAMA_TOKEN_ATTR_LSTRIP, lib.LLAMA_TOKEN_ATTR_RSTRIP
+                found.append(ControlToken(text, t, bool(a & lstrip), bool(a & rstrip)))
         return tuple(sorted(found, key=lambda c: len(c.text), reverse=True))
 
     def constraint(self, grammar: str) -> Constraint:
